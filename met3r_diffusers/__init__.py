@@ -13,7 +13,7 @@ _EXPORTS = {
     "MEt3ROutput": "metric",
     "MEt3REvaluator": "metric",
     "MEt3RLoss": "loss",
-    "predict_x0": "loss",
+    "predict_x0": "diffusion",
     "MEt3RCallback": "callbacks",
     "MEt3REvalHook": "training",
     "render_points": "render",
@@ -24,7 +24,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import MEt3RCallback
-    from .loss import MEt3RLoss, predict_x0
+    from .diffusion import predict_x0
+    from .loss import MEt3RLoss
     from .metric import MEt3R, MEt3REvaluator, MEt3ROutput
     from .render import RenderOutput, render_points
     from .training import MEt3REvalHook
