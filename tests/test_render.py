@@ -1,0 +1,292 @@
+"""render_points against PyTorch3D's golden outputs (parity/raster) and a brute-force reference."""
+import importlib.util
+
+import pytest
+import torch
+from _parity import load_json, load_tensors
+
+from met3r_diffusers.render import RenderOutput, overlap_mask, render_points
+
+RASTER = "raster"
+CASES = ["scene_48x64", "scene_64x64", "scene_dense_32x32", "random_32x40", "sparse_32x32"]
+HAS_PYTORCH3D = importlib.util.find_spec("pytorch3d") is not None
+
+
+def _load_case(case):
+    params = load_json(RASTER, "index.json")["cases"][case]
+    tensors = {}
+    for kind in ("inputs", "raster", "composite"):
+        tensors.update(load_tensors(RASTER, f"{case}.{kind}.safetensors"))
+    settings = dict(
+        image_size=tuple(params["image_size"]),
+        radius=params["radius"],
+        points_per_pixel=params["points_per_pixel"],
+        background=params["background_value"],
+    )
+    return tensors, settings
+
+
+def _render_with_grads(points, features, focal, grad_seed, **settings):
+    points = points.clone().requires_grad_(True)
+    features = features.clone().requires_grad_(True)
+    out = render_points(points, features, focal, **settings)
+    (out.images * grad_seed).sum().backward()
+    return out, points.grad, features.grad
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_pytorch3d_fixture(case):
+    ref, settings = _load_case(case)
+    out, grad_points, grad_features = _render_with_grads(
+        ref["points"], ref["features"], ref["focal"], ref["grad_seed_G"], **settings
+    )
+    r2 = settings["radius"] ** 2
+
+    assert isinstance(out, RenderOutput)
+    assert out.idx.dtype == torch.int64
+    assert torch.equal(out.idx, ref["idx"])
+    assert torch.equal(out.zbuf.detach(), ref["zbuf"])
+    assert (out.dists.detach() - ref["dists"]).abs().max() <= 1e-4 * r2
+
+    image = out.images.detach()
+    background = ref["image"] == settings["background"]
+    assert torch.equal(image == settings["background"], background)
+    # Pixel centres are evaluated in PyTorch3D's float order, so the README's tight bound applies.
+    torch.testing.assert_close(image, ref["image"], rtol=0, atol=1e-5)
+    assert torch.equal(overlap_mask(image, settings["background"]), ref["overlap_mask"])
+    zeroed = image.masked_fill(image == settings["background"], 0.0)
+    torch.testing.assert_close(zeroed, ref["image_zeroed"], rtol=0, atol=1e-5)
+
+    torch.testing.assert_close(grad_features, ref["grad_features"], rtol=0, atol=5e-4)
+    scale = ref["grad_points"].abs().max()
+    torch.testing.assert_close(grad_points, ref["grad_points"], rtol=0, atol=2e-4 * scale.item())
+
+
+def test_int_image_size_is_square():
+    ref, settings = _load_case("scene_64x64")
+    as_tuple = render_points(ref["points"], ref["features"], ref["focal"], image_size=(64, 64))
+    as_int = render_points(ref["points"], ref["features"], ref["focal"], image_size=64)
+    assert torch.equal(as_tuple.images, as_int.images) and torch.equal(as_tuple.idx, as_int.idx)
+
+
+# --- brute force: every point against every pixel, then a full sort per pixel -------------------
+
+
+def _brute_force(points, features, focal, height, width, radius, num_kept, background):
+    """Dense re-statement of the rules (independent of the splatting code path)."""
+    num_clouds, num_points, channels = features.shape
+    dtype = points.dtype
+    short = min(height, width)
+    # pixel centres: x = -(2j + 1 - W) / S, y = -(2i + 1 - H) / S (computed in float64, then cast)
+    xs = (-(2 * torch.arange(width, dtype=torch.float64) + 1 - width) / short).to(dtype)
+    ys = (-(2 * torch.arange(height, dtype=torch.float64) + 1 - height) / short).to(dtype)
+    x = (focal[:, None, 0] * -points[..., 0]) / points[..., 2]  # (N, P)
+    y = (focal[:, None, 1] * -points[..., 1]) / points[..., 2]
+    dists = (xs[None, None, None, :] - x[..., None, None]) ** 2 + (ys[None, None, :, None] - y[..., None, None]) ** 2
+    r2 = torch.tensor(radius, dtype=dtype) ** 2
+    finite = torch.isfinite(points).all(-1) & (points[..., 2] >= 0)
+    hit = (dists < r2) & finite[..., None, None]  # (N, P, H, W)
+    depth = torch.where(hit, points[..., 2, None, None].expand_as(hit), torch.inf)
+    order = torch.sort(depth.detach(), dim=1, stable=True).indices[:, :num_kept]  # (N, K, H, W)
+    used = torch.gather(hit, 1, order)
+    packed = order + (torch.arange(num_clouds) * num_points)[:, None, None, None]
+    idx = torch.where(used, packed, -1).permute(0, 2, 3, 1)
+    zbuf = torch.where(used, torch.gather(depth, 1, order), -1.0).permute(0, 2, 3, 1)
+    d = torch.where(used, torch.gather(dists, 1, order), -1.0).permute(0, 2, 3, 1)
+    alpha = torch.where(idx >= 0, 1 - d / (radius * radius), 0.0)
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1]], -1), -1)
+    feats = features.reshape(-1, channels)[idx.clamp(min=0)]  # (N, H, W, K, C)
+    images = ((alpha * trans)[..., None] * feats).sum(-2)
+    images = torch.where(idx[..., :1] >= 0, images, background)
+    return RenderOutput(images, idx, zbuf, d)
+
+
+def _random_scene(seed, num_clouds, num_points, channels, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    xy = (torch.rand(num_clouds, num_points, 2, generator=g) * 2.4 - 1.2) * 0.5
+    z = torch.randint(2, 6, (num_clouds, num_points, 1), generator=g).to(torch.float32) * 0.5  # many equal-z ties
+    points = torch.cat([xy * z, z], -1)
+    points[:, :20, 2] *= -1  # behind the camera
+    points[:, 20:30] = points[:, 30:40]  # exact duplicates
+    features = torch.randn(num_clouds, num_points, channels, generator=g)
+    focal = 1.5 + torch.rand(num_clouds, 2, generator=g)
+    return points.to(dtype), features.to(dtype), focal.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size, radius, num_kept", [((24, 31), 0.15, 4), ((20, 16), 0.25, 10), ((9, 9), 0.3, 1)])
+def test_matches_brute_force(dtype, size, radius, num_kept):
+    points, features, focal = _random_scene(0, 2, 400, 5, dtype)
+    settings = dict(image_size=size, radius=radius, points_per_pixel=num_kept, background=-7.0)
+    grad_seed = torch.randn(2, *size, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    out, grad_points, grad_features = _render_with_grads(points, features, focal, grad_seed, **settings)
+    ref, ref_grad_points, ref_grad_features = _render_with_grads_bf(points, features, focal, grad_seed, size, **settings)
+
+    assert (out.idx[..., -1] >= 0).any(), "the case should fill all K slots somewhere"
+    assert torch.equal(out.idx, ref.idx)
+    assert torch.equal(out.zbuf.detach(), ref.zbuf.detach())
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.dists.detach(), ref.dists.detach(), rtol=0, atol=tol * radius**2 * 100)
+    torch.testing.assert_close(out.images.detach(), ref.images.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_features, ref_grad_features, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_points, ref_grad_points, rtol=1e-4, atol=1e-4 * ref_grad_points.abs().max().item())
+
+
+def _render_with_grads_bf(points, features, focal, grad_seed, size, image_size, radius, points_per_pixel, background):
+    points = points.clone().requires_grad_(True)
+    features = features.clone().requires_grad_(True)
+    out = _brute_force(points, features, focal, *size, radius, points_per_pixel, background)
+    (out.images * grad_seed).sum().backward()
+    return out, points.grad, features.grad
+
+
+def test_gradcheck_float64():
+    # Continuous depths (no ties, whose order a finite difference would flip).
+    g = torch.Generator().manual_seed(3)
+    z = 1 + torch.rand(2, 60, 1, generator=g, dtype=torch.float64)
+    points = torch.cat([(torch.rand(2, 60, 2, generator=g, dtype=torch.float64) - 0.5) * z, z], -1)
+    features = torch.randn(2, 60, 3, generator=g, dtype=torch.float64)
+    focal = 1.5 + torch.rand(2, 2, generator=g, dtype=torch.float64)
+    inputs = (points.requires_grad_(True), features.requires_grad_(True), focal.requires_grad_(True))
+
+    def images(p, f, fo):
+        return render_points(p, f, fo, image_size=(12, 10), radius=0.25, points_per_pixel=3, background=0.0).images
+
+    assert (images(*inputs) != 0).any()
+    assert torch.autograd.gradcheck(images, inputs, eps=1e-7, atol=1e-5, rtol=1e-4)
+
+
+# --- special points ------------------------------------------------------------------------------
+
+
+def test_non_finite_points_are_never_drawn_and_get_zero_gradient():
+    points, features, focal = _random_scene(5, 2, 300, 4)
+    bad = torch.zeros(2, 300, dtype=torch.bool)
+    bad[0, 50:60] = bad[1, 100:105] = True
+    broken = points.clone()
+    broken[0, 50:53, 0] = torch.nan
+    broken[0, 53:56, 2] = torch.inf
+    broken[0, 56:60, 1] = -torch.inf
+    broken[1, 100:105] = torch.nan
+    behind = torch.where(bad[..., None], torch.tensor([0.0, 0.0, -1.0]), points)  # a never-drawn stand-in
+    settings = dict(image_size=(20, 24), radius=0.2, points_per_pixel=5)
+    grad_seed = torch.randn(2, 20, 24, 4)
+
+    out, grad_points, grad_features = _render_with_grads(broken, features, focal, grad_seed, **settings)
+    ref, ref_grad_points, ref_grad_features = _render_with_grads(behind, features, focal, grad_seed, **settings)
+    assert torch.equal(out.idx, ref.idx) and torch.equal(out.images, ref.images)
+    assert not torch.isin(out.idx, bad.flatten().nonzero().squeeze(1)).any()
+    assert torch.isfinite(grad_points).all() and torch.isfinite(grad_features).all()
+    assert (grad_points[bad] == 0).all() and (grad_features[bad] == 0).all()
+    assert torch.equal(grad_points, ref_grad_points) and torch.equal(grad_features, ref_grad_features)
+
+
+def test_points_behind_camera_or_outside_image_leave_the_image_empty():
+    points = torch.tensor([[[0.0, 0.0, -1.0], [0.1, 0.0, -2.0], [50.0, 0.0, 1.0], [0.0, -40.0, 1.0], [1e30, 1e30, 1.0]]])
+    features = torch.ones(1, 5, 3, requires_grad=True)
+    out = render_points(points.requires_grad_(True), features, torch.ones(1, 2), image_size=(8, 6), background=-5.0)
+    assert torch.equal(out.idx, torch.full((1, 8, 6, 10), -1))
+    assert torch.equal(out.zbuf, torch.full((1, 8, 6, 10), -1.0))
+    assert torch.equal(out.dists, torch.full((1, 8, 6, 10), -1.0))
+    assert torch.equal(out.images, torch.full((1, 8, 6, 3), -5.0))
+    out.images.sum().backward()
+    assert torch.equal(points.grad, torch.zeros_like(points)) and torch.equal(features.grad, torch.zeros_like(features))
+
+
+def test_empty_clouds():
+    out = render_points(torch.zeros(2, 0, 3), torch.zeros(2, 0, 4), torch.ones(2, 2), image_size=(5, 7))
+    assert out.images.shape == (2, 5, 7, 4) and (out.images == -10000.0).all()
+    assert out.idx.shape == (2, 5, 7, 10) and (out.idx == -1).all()
+
+
+def test_point_on_pixel_centre_hides_the_points_behind_it():
+    # Square 4x4 image, focal 1: pixel (row 1, col 2) has its NDC centre at x = -0.25, y = 0.25,
+    # i.e. X = 0.25 * Z, Y = -0.25 * Z.
+    points = torch.tensor([[[0.5, -0.5, 2.0], [0.75, -0.75, 3.0], [0.5, -0.5, 2.0]]])
+    features = torch.tensor([[[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]]])
+    out = render_points(points, features, torch.ones(1, 2), image_size=4, radius=0.1, points_per_pixel=3)
+    assert out.idx[0, 1, 2].tolist() == [0, 2, 1]  # equal depth: smaller index first
+    assert out.dists[0, 1, 2].tolist() == [0.0, 0.0, 0.0]
+    assert out.images[0, 1, 2].tolist() == [1.0, 2.0]
+    assert (out.idx[0].flatten(0, 1)[:, 0] >= 0).sum() == 1
+
+
+def test_overlap_mask_pairs_consecutive_clouds():
+    images = torch.full((4, 2, 3, 2), -10000.0)
+    images[0, 0, 0] = images[1, 0, 0] = 1.0  # pair 0: both views hit (0, 0)
+    images[0, 1, 1] = 2.0  # pair 0: only view 1 hits (1, 1)
+    images[2, 1, 2] = images[3, 1, 2] = 0.5  # pair 1: both hit (1, 2)
+    images[3, 0, 1, 0] = 3.0  # one channel only is not a hit
+    mask = overlap_mask(images)
+    expected = torch.zeros(2, 2, 3)
+    expected[0, 0, 0] = expected[1, 1, 2] = 1.0
+    assert torch.equal(mask, expected)
+    with pytest.raises(ValueError, match="images"):
+        overlap_mask(torch.zeros(3, 2, 2, 1))
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def _good_inputs():
+    return dict(points=torch.rand(2, 5, 3), features=torch.rand(2, 5, 4), focal=torch.ones(2, 2))
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (dict(points=torch.rand(5, 3)), "points"),
+        (dict(points=torch.rand(2, 5, 2)), "points"),
+        (dict(points=torch.rand(2, 5, 3).to(torch.float16)), "points"),
+        (dict(features=torch.rand(3, 5, 4)), "features"),
+        (dict(features=torch.rand(2, 6, 4)), "features"),
+        (dict(features=torch.rand(2, 5)), "features"),
+        (dict(features=torch.rand(2, 5, 4, dtype=torch.float64)), "features"),
+        (dict(focal=torch.ones(3, 2)), "focal"),
+        (dict(focal=torch.ones(2)), "focal"),
+        (dict(focal=torch.ones(2, 2, dtype=torch.float64)), "focal"),
+        (dict(focal=[[1.0, 1.0], [1.0, 1.0]]), "focal"),
+        (dict(features=torch.rand(2, 5, 4, device="meta")), "features"),
+        (dict(radius=0.0), "radius"),
+        (dict(radius=-0.1), "radius"),
+        (dict(radius=float("nan")), "radius"),
+        (dict(points_per_pixel=0), "points_per_pixel"),
+        (dict(points_per_pixel=2.5), "points_per_pixel"),
+        (dict(image_size=0), "image_size"),
+        (dict(image_size=(4, -1)), "image_size"),
+        (dict(image_size=(4, 4, 4)), "image_size"),
+        (dict(image_size=(4.0, 4)), "image_size"),
+        (dict(background="black"), "background"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_argument(change, name):
+    kwargs = {**_good_inputs(), **change}
+    with pytest.raises(ValueError, match=name):
+        render_points(**kwargs)
+
+
+# --- optional PyTorch3D backend ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_PYTORCH3D, reason="PyTorch3D is installed")
+def test_pytorch3d_backend_without_pytorch3d_raises_import_error():
+    with pytest.raises(ImportError, match="pytorch3d"):
+        render_points(**_good_inputs(), backend="pytorch3d")
+
+
+@pytest.mark.skipif(not HAS_PYTORCH3D, reason="PyTorch3D is not installed")
+@pytest.mark.parametrize("case", CASES)
+def test_pytorch3d_backend_matches_fixture_and_torch_backend(case):
+    ref, settings = _load_case(case)
+    p3d, p3d_grad_points, p3d_grad_features = _render_with_grads(
+        ref["points"], ref["features"], ref["focal"], ref["grad_seed_G"], backend="pytorch3d", **settings
+    )
+    ours, grad_points, grad_features = _render_with_grads(
+        ref["points"], ref["features"], ref["focal"], ref["grad_seed_G"], **settings
+    )
+    assert torch.equal(p3d.idx, ref["idx"]) and torch.equal(p3d.idx, ours.idx)
+    torch.testing.assert_close(p3d.images.detach(), ref["image"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(p3d_grad_features, grad_features, rtol=0, atol=5e-4)
+    scale = ref["grad_points"].abs().max().item()
+    torch.testing.assert_close(p3d_grad_points, grad_points, rtol=0, atol=2e-4 * scale)
