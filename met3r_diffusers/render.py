@@ -27,6 +27,7 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 ImageSize = Union[int, Sequence[int]]
 
@@ -155,21 +156,25 @@ def _pixel_centres(length: int, other: int, dtype: torch.dtype, device: torch.de
 
 
 def _rasterize(
-    points: torch.Tensor, focal: torch.Tensor, height: int, width: int, radius: float, num_kept: int
+    points: torch.Tensor,
+    focal: torch.Tensor,
+    col_centres: torch.Tensor,
+    row_centres: torch.Tensor,
+    radius: float,
+    num_kept: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Find the K nearest hits of every pixel (no autograd).
+    """Find the K nearest hits of every pixel (no autograd); centres are the (W,) and (H,) pixel centres.
 
     Returns, for the kept hits sorted by (pixel, depth, point index):
     `point` (M,) packed point index, `pixel` (M,) packed pixel index n*H*W + i*W + j,
     `slot` (M,) position in the flattened (N*H*W*K) fragment buffers, and `by_point` (M,)
     the permutation that lists the same hits sorted by point index.
     """
-    num_clouds, num_points = points.shape[:2]
-    dtype, device = points.dtype, points.device
+    num_points = points.shape[1]
+    height, width = row_centres.numel(), col_centres.numel()
     short_side = min(height, width)
-    col_centres = _pixel_centres(width, height, dtype, device)
-    row_centres = _pixel_centres(height, width, dtype, device)
-    radius_t = torch.tensor(radius, dtype=dtype, device=device)
+    device = points.device
+    radius_t = torch.tensor(radius, dtype=points.dtype, device=device)
     radius2 = radius_t * radius_t
 
     x, y = _project(points, focal[:, None, :])
@@ -196,7 +201,7 @@ def _rasterize(
     cand_col, cand_row = cand_col.clamp(0, width - 1), cand_row.clamp(0, height - 1)
     dx = col_centres[cand_col] - x[:, None]
     dy = row_centres[cand_row] - y[:, None]
-    dist2 = dy[:, :, None] * dy[:, :, None] + dx[:, None, :] * dx[:, None, :]  # (Q, span_row, span_col)
+    dist2 = dx[:, None, :] * dx[:, None, :] + dy[:, :, None] * dy[:, :, None]  # (Q, span_row, span_col)
     hit = (dist2 < radius2) & row_ok[:, :, None] & col_ok[:, None, :]
 
     # Hits come out ordered by point index; sort them by (pixel, depth) keeping that order for ties.
@@ -226,7 +231,8 @@ def _rasterize(
 def _pixel_depth_order(pixel: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """Stable permutation sorting hits by (pixel, depth); hits have finite depth > 0."""
     if depth.dtype == torch.float32:
-        # Positive finite float32 bit patterns sort like the values, so one int64 key does it.
+        # Positive finite float32 bit patterns sort like the values, so one int64 key does it
+        # (pixel < 2**32 always holds in practice: that would be a 16 GB single-channel image).
         key = pixel * 2**31 + depth.view(torch.int32).long()
         return torch.sort(key, stable=True).indices
     by_depth = torch.sort(depth, stable=True).indices
@@ -246,12 +252,14 @@ class _WeightedGather(torch.autograd.Function):
         out = F.embedding_bag(
             point, features, offsets, mode="sum", per_sample_weights=weight, include_last_offset=True
         )
-        out[empty] = background
+        out.masked_fill_(empty[:, None], background)
         ctx.save_for_backward(weight, features, point, pixel, offsets, by_point)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()
         weight, features, point, pixel, offsets, by_point = ctx.saved_tensors
         grad_weight = grad_features = None
         if ctx.needs_input_grad[0]:
@@ -279,17 +287,21 @@ class _WeightedGather(torch.autograd.Function):
 def _render_torch(points, features, focal, height, width, radius, num_kept, background) -> RenderOutput:
     num_clouds, num_points, channels = features.shape
     num_pixels = num_clouds * height * width
+    col_centres = _pixel_centres(width, height, points.dtype, points.device)
+    row_centres = _pixel_centres(height, width, points.dtype, points.device)
     with torch.no_grad():
-        point, pixel, slot, by_point = _rasterize(points.detach(), focal.detach(), height, width, radius, num_kept)
+        point, pixel, slot, by_point = _rasterize(
+            points.detach(), focal.detach(), col_centres, row_centres, radius, num_kept
+        )
 
     # Differentiable recomputation of depth and squared distance for the kept hits only, so
     # points that are never stored (including non-finite ones) get exactly zero gradient.
     stored = points.reshape(-1, 3)[point]
     x, y = _project(stored, focal[point // num_points])
     pix_in_image = pixel % (height * width)
-    dx = _pixel_centres(width, height, points.dtype, points.device)[pix_in_image % width] - x
-    dy = _pixel_centres(height, width, points.dtype, points.device)[pix_in_image // width] - y
-    dists = dy * dy + dx * dx
+    dx = col_centres[pix_in_image % width] - x
+    dy = row_centres[pix_in_image // width] - y
+    dists = dx * dx + dy * dy
 
     def fragment(values: torch.Tensor, fill: float) -> torch.Tensor:
         buffer = torch.full((num_pixels * num_kept,), fill, dtype=values.dtype, device=values.device)

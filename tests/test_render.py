@@ -62,6 +62,27 @@ def test_matches_pytorch3d_fixture(case):
     torch.testing.assert_close(grad_points, ref["grad_points"], rtol=0, atol=2e-4 * scale.item())
 
 
+def test_feature_gradient_alone_with_detached_points():
+    # MEt3R detaches the point maps: only the feature gradient is needed.
+    ref, settings = _load_case("scene_dense_32x32")
+    features = ref["features"].clone().requires_grad_(True)
+    out = render_points(ref["points"], features, ref["focal"], **settings)
+    (out.images * ref["grad_seed_G"]).sum().backward()
+    torch.testing.assert_close(features.grad, ref["grad_features"], rtol=0, atol=5e-4)
+
+
+def test_zbuf_and_dists_are_differentiable_like_pytorch3d_fragments():
+    ref, settings = _load_case("random_32x40")
+    points = ref["points"].clone().requires_grad_(True)
+    out = render_points(points, ref["features"], ref["focal"], **settings)
+    out.zbuf.sum().backward()
+    # zbuf is a copy of Z: each stored entry adds 1 to its point's dZ, nothing to dX, dY.
+    stored = out.idx[out.idx >= 0]
+    expected = torch.zeros(points.numel() // 3).index_add_(0, stored, torch.ones(stored.numel()))
+    assert torch.equal(points.grad[..., 2].flatten(), expected)
+    assert (points.grad[..., :2] == 0).all()
+
+
 def test_int_image_size_is_square():
     ref, settings = _load_case("scene_64x64")
     as_tuple = render_points(ref["points"], ref["features"], ref["focal"], image_size=(64, 64))
