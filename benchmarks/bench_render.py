@@ -13,6 +13,7 @@ point; the deltas are what rendering added on top of the inputs.
 
     python benchmarks/bench_render.py [--repeats 5] [--threads 2] [--size 256] [--channels 384]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ median ignores NaN votes but keeps +-inf ones and takes the lower middle value f
 count, and the result is normalised as ``1 + f/W``, ``1 + f/H`` rather than PyTorch3D's
 pinhole ``2 f / min(H, W)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,14 @@ def canonical_point_map(
     if pts3d.dim() != 4 or pts3d.shape[-1] != 3:
         raise ValueError(f"pts3d must have shape (B, H, W, 3), got {tuple(pts3d.shape)}")
     if pts3d_other.shape != pts3d.shape:
-        raise ValueError(f"pts3d_other must have the shape of pts3d {tuple(pts3d.shape)}, got {tuple(pts3d_other.shape)}")
+        raise ValueError(
+            f"pts3d_other must have the shape of pts3d {tuple(pts3d.shape)}, got {tuple(pts3d_other.shape)}"
+        )
     for name, tensor in (("conf", conf), ("conf_other", conf_other)):
         if tensor.shape != pts3d.shape[:-1]:
-            raise ValueError(f"{name} must have shape (B, H, W) = {tuple(pts3d.shape[:-1])}, got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must have shape (B, H, W) = {tuple(pts3d.shape[:-1])}, got {tuple(tensor.shape)}"
+            )
     weight = conf[..., None] - _CONFIDENCE_OFFSET
     weight_other = conf_other[..., None] - _CONFIDENCE_OFFSET
     return (weight * pts3d + weight_other * pts3d_other) / (weight + weight_other)

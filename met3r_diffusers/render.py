@@ -19,9 +19,11 @@ Conventions (all reproduced exactly, see docs/render.md):
 * ``image = sum_k alpha_k * prod_{l<k} (1 - alpha_l) * f[idx_k]`` with
   ``alpha_k = 1 - dists_k / r**2``; pixels without any hit are ``background`` in every channel.
 """
+
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import NamedTuple, Sequence, Union
 
@@ -73,9 +75,13 @@ def render_points(
     """
     height, width = _check_inputs(points, features, focal, image_size, radius, points_per_pixel, background)
     if backend == "torch":
-        return _render_torch(points, features, focal, height, width, float(radius), points_per_pixel, float(background))
+        return _render_torch(
+            points, features, focal, height, width, float(radius), int(points_per_pixel), float(background)
+        )
     if backend == "pytorch3d":
-        return _render_pytorch3d(points, features, focal, height, width, float(radius), points_per_pixel, float(background))
+        return _render_pytorch3d(
+            points, features, focal, height, width, float(radius), int(points_per_pixel), float(background)
+        )
     raise ValueError(f"backend must be 'torch' or 'pytorch3d', got {backend!r}")
 
 
@@ -117,21 +123,29 @@ def _check_inputs(points, features, focal, image_size, radius, points_per_pixel,
             raise ValueError(f"{name} must have the dtype of points ({points.dtype}), got {tensor.dtype}")
         if tensor.device != points.device:
             raise ValueError(f"{name} must be on the device of points ({points.device}), got {tensor.device}")
-    if isinstance(image_size, int) and not isinstance(image_size, bool):
+    if _is_int(image_size):
         image_size = (image_size, image_size)
     if (
         not isinstance(image_size, (tuple, list, torch.Size))
         or len(image_size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image_size)
+        or not all(_is_int(s) and s > 0 for s in image_size)
     ):
         raise ValueError(f"image_size must be a positive int or a pair of positive ints (H, W), got {image_size!r}")
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (0 < radius < math.inf):
+    if not _is_real(radius) or not (0 < radius < math.inf):
         raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-    if isinstance(points_per_pixel, bool) or not isinstance(points_per_pixel, int) or points_per_pixel <= 0:
+    if not _is_int(points_per_pixel) or points_per_pixel <= 0:
         raise ValueError(f"points_per_pixel must be a positive int, got {points_per_pixel!r}")
-    if isinstance(background, bool) or not isinstance(background, (int, float)):
+    if not _is_real(background):
         raise ValueError(f"background must be a number, got {background!r}")
     return int(image_size[0]), int(image_size[1])
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _project(points: torch.Tensor, focal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,14 +199,16 @@ def _rasterize(
     drawable = (
         torch.isfinite(points).all(dim=-1)
         & (points[..., 2] >= 0)
-        & (col > -reach - 1) & (col < width + reach)
-        & (row > -reach - 1) & (row < height + reach)
+        & (col > -reach - 1)
+        & (col < width + reach)
+        & (row > -reach - 1)
+        & (row < height + reach)
     )
     point = drawable.flatten().nonzero().squeeze(1)  # packed indices, ascending
     x, y, col, row = (t.flatten()[point] for t in (x, y, col, row))
 
     # Candidate pixels: the integers inside [c - reach, c + reach] on each axis.
-    span = int(math.floor(2 * reach)) + 1
+    span = math.floor(2 * reach) + 1
     steps = torch.arange(span, device=device)
     cand_col = torch.ceil(col - reach).long()[:, None] + steps  # (Q, span)
     cand_row = torch.ceil(row - reach).long()[:, None] + steps
@@ -330,7 +346,12 @@ def _render_torch(points, features, focal, height, width, radius, num_kept, back
 
 def _render_pytorch3d(points, features, focal, height, width, radius, num_kept, background) -> RenderOutput:
     try:
-        from pytorch3d.renderer import AlphaCompositor, PerspectiveCameras, PointsRasterizationSettings, PointsRasterizer
+        from pytorch3d.renderer import (
+            AlphaCompositor,
+            PerspectiveCameras,
+            PointsRasterizationSettings,
+            PointsRasterizer,
+        )
         from pytorch3d.structures import Pointclouds
     except ImportError as err:
         raise ImportError(

@@ -1,4 +1,5 @@
 """MEt3R's canonical point map and focal estimate against the parity fixtures (parity/raster)."""
+
 import pytest
 import torch
 from _parity import load_json, load_tensors
@@ -75,7 +76,9 @@ def test_canonical_map_bad_shapes(args, name):
         canonical_point_map(*args)
 
 
-@pytest.mark.parametrize("points", [torch.zeros(4, 4, 3), torch.zeros(1, 4, 4, 2), torch.zeros(1, 4, 4, 3, dtype=torch.long)])
+@pytest.mark.parametrize(
+    "points", [torch.zeros(4, 4, 3), torch.zeros(1, 4, 4, 2), torch.zeros(1, 4, 4, 3, dtype=torch.long)]
+)
 def test_estimate_focal_bad_input(points):
     with pytest.raises(ValueError, match="points"):
         estimate_focal(points)

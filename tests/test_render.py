@@ -1,4 +1,5 @@
 """render_points against PyTorch3D's golden outputs (parity/raster) and a brute-force reference."""
+
 import importlib.util
 
 import pytest
@@ -84,7 +85,7 @@ def test_zbuf_and_dists_are_differentiable_like_pytorch3d_fragments():
 
 
 def test_int_image_size_is_square():
-    ref, settings = _load_case("scene_64x64")
+    ref, _ = _load_case("scene_64x64")
     as_tuple = render_points(ref["points"], ref["features"], ref["focal"], image_size=(64, 64))
     as_int = render_points(ref["points"], ref["features"], ref["focal"], image_size=64)
     assert torch.equal(as_tuple.images, as_int.images) and torch.equal(as_tuple.idx, as_int.idx)
@@ -141,7 +142,9 @@ def test_matches_brute_force(dtype, size, radius, num_kept):
     settings = dict(image_size=size, radius=radius, points_per_pixel=num_kept, background=-7.0)
     grad_seed = torch.randn(2, *size, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
     out, grad_points, grad_features = _render_with_grads(points, features, focal, grad_seed, **settings)
-    ref, ref_grad_points, ref_grad_features = _render_with_grads_bf(points, features, focal, grad_seed, size, **settings)
+    ref, ref_grad_points, ref_grad_features = _render_with_grads_bf(
+        points, features, focal, grad_seed, size, **settings
+    )
 
     assert (out.idx[..., -1] >= 0).any(), "the case should fill all K slots somewhere"
     assert torch.equal(out.idx, ref.idx)
@@ -203,7 +206,9 @@ def test_non_finite_points_are_never_drawn_and_get_zero_gradient():
 
 
 def test_points_behind_camera_or_outside_image_leave_the_image_empty():
-    points = torch.tensor([[[0.0, 0.0, -1.0], [0.1, 0.0, -2.0], [50.0, 0.0, 1.0], [0.0, -40.0, 1.0], [1e30, 1e30, 1.0]]])
+    points = torch.tensor(
+        [[[0.0, 0.0, -1.0], [0.1, 0.0, -2.0], [50.0, 0.0, 1.0], [0.0, -40.0, 1.0], [1e30, 1e30, 1.0]]]
+    )
     features = torch.ones(1, 5, 3, requires_grad=True)
     out = render_points(points.requires_grad_(True), features, torch.ones(1, 2), image_size=(8, 6), background=-5.0)
     assert torch.equal(out.idx, torch.full((1, 8, 6, 10), -1))
@@ -211,7 +216,9 @@ def test_points_behind_camera_or_outside_image_leave_the_image_empty():
     assert torch.equal(out.dists, torch.full((1, 8, 6, 10), -1.0))
     assert torch.equal(out.images, torch.full((1, 8, 6, 3), -5.0))
     out.images.sum().backward()
-    assert torch.equal(points.grad, torch.zeros_like(points)) and torch.equal(features.grad, torch.zeros_like(features))
+    assert torch.equal(points.grad, torch.zeros_like(points)) and torch.equal(
+        features.grad, torch.zeros_like(features)
+    )
 
 
 def test_empty_clouds():
