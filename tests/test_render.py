@@ -136,7 +136,9 @@ def _random_scene(seed, num_clouds, num_points, channels, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("size, radius, num_kept", [((24, 31), 0.15, 4), ((20, 16), 0.25, 10), ((9, 9), 0.3, 1)])
+@pytest.mark.parametrize(
+    "size, radius, num_kept", [((24, 31), 0.15, 4), ((20, 16), 0.25, 10), ((9, 9), 0.3, 1), ((40, 56), 0.02, 2)]
+)
 def test_matches_brute_force(dtype, size, radius, num_kept):
     points, features, focal = _random_scene(0, 2, 400, 5, dtype)
     settings = dict(image_size=size, radius=radius, points_per_pixel=num_kept, background=-7.0)
