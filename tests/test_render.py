@@ -169,16 +169,16 @@ def _render_with_grads_bf(points, features, focal, grad_seed, size, image_size, 
 def test_gradcheck_float64():
     # Continuous depths (no ties, whose order a finite difference would flip).
     g = torch.Generator().manual_seed(3)
-    z = 1 + torch.rand(2, 60, 1, generator=g, dtype=torch.float64)
-    points = torch.cat([(torch.rand(2, 60, 2, generator=g, dtype=torch.float64) - 0.5) * z, z], -1)
-    features = torch.randn(2, 60, 3, generator=g, dtype=torch.float64)
+    z = 1 + torch.rand(2, 24, 1, generator=g, dtype=torch.float64)
+    points = torch.cat([(torch.rand(2, 24, 2, generator=g, dtype=torch.float64) - 0.5) * z, z], -1)
+    features = torch.randn(2, 24, 2, generator=g, dtype=torch.float64)
     focal = 1.5 + torch.rand(2, 2, generator=g, dtype=torch.float64)
     inputs = (points.requires_grad_(True), features.requires_grad_(True), focal.requires_grad_(True))
 
     def images(p, f, fo):
-        return render_points(p, f, fo, image_size=(12, 10), radius=0.25, points_per_pixel=3, background=0.0).images
+        return render_points(p, f, fo, image_size=(6, 8), radius=0.35, points_per_pixel=3, background=0.0).images
 
-    assert (images(*inputs) != 0).any()
+    assert (images(*inputs) != 0).sum() > 40
     assert torch.autograd.gradcheck(images, inputs, eps=1e-7, atol=1e-5, rtol=1e-4)
 
 
