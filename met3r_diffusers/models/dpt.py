@@ -45,9 +45,9 @@ class _FusionBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if skip is not None:
             x = x + self.resConfUnit1(skip)
-        x = self.resConfUnit2(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        return self.out_conv(x)
+        # the 1x1 projection commutes with bilinear upsampling: apply it on the 4x smaller map
+        x = self.out_conv(self.resConfUnit2(x))
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
 
 
 class _Scratch(nn.Module):
@@ -109,7 +109,8 @@ class DPTHead(nn.Module):
         layers = []
         for level, hook in enumerate(self.hooks):
             x = tokens[hook].transpose(1, 2).unflatten(-1, (grid_h, grid_w))
-            layers.append(self.scratch.layer_rn[level](self.act_postprocess[level](x)))
+            x = self.act_postprocess[level](x).contiguous(memory_format=torch.channels_last)  # faster convs on CPU
+            layers.append(self.scratch.layer_rn[level](x))
         path = self.scratch.refinenet4(layers[3])
         path = path[:, :, : layers[2].shape[2], : layers[2].shape[3]]  # odd grids: ceil(h/2)*2 > h
         path = self.scratch.refinenet3(path, layers[2])
