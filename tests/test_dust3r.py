@@ -114,10 +114,15 @@ def test_true_shape_and_shared_encoding_match_forward(tiny_models):
         # per-view sharing: encode each view once, decode the pair from the shared tokens
         tokens, pos = model.encode_views(torch.cat((inputs["img1"], inputs["img2"])))
         shared = model.decode_pair(tokens[:2], pos[:2], tokens[2:], pos[2:], shape, (64, 64))
-    for ours, theirs in zip(shared, explicit):
+        lean = model.decode_pair(tokens[:2], pos[:2], tokens[2:], pos[2:], shape, (64, 64), descriptors=False)
+    for ours, theirs, without_desc in zip(shared, explicit, lean):
         assert ours.keys() == theirs.keys()
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-4 * theirs[key].abs().max().item())
+        # descriptors=False skips the descriptor head and leaves points and confidences untouched
+        assert without_desc.keys() == ours.keys() - {"desc", "desc_conf"}
+        for key in without_desc:
+            torch.testing.assert_close(without_desc[key], ours[key], rtol=1e-5, atol=0.0)
 
 
 def test_batch_of_non_square_pairs_matches_single_pairs(tiny_models):

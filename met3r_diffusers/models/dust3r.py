@@ -164,8 +164,14 @@ class DUSt3R(nn.Module):
     def _make_head(self, hooks: list[int], dims: list[int]) -> nn.Module:
         return _DPTPts3dHead(hooks, dims)
 
-    def _postprocess(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw head output (B, C, H, W) -> {"pts3d": (B, H, W, 3), "conf": (B, H, W)}."""
+    def _predict(
+        self, head: nn.Module, tokens: list[torch.Tensor], image_size: tuple[int, int], descriptors: bool
+    ) -> dict[str, torch.Tensor]:
+        """Run one head on float32 tokens and map its raw output to the official keys."""
+        return self._points_and_conf(head(tokens, image_size))
+
+    def _points_and_conf(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw DPT output (B, 4, H, W) -> {"pts3d": (B, H, W, 3), "conf": (B, H, W)}."""
         fmap = raw.permute(0, 2, 3, 1)
         xyz = fmap[..., 0:3]
         depth = xyz.norm(dim=-1, keepdim=True)
@@ -252,8 +258,13 @@ class DUSt3R(nn.Module):
         pos2: torch.Tensor,
         shape1: ShapeLike,
         shape2: ShapeLike,
+        descriptors: bool = True,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Decode a pair of encoded views (from `encode_views`); shapes are (H, W) or (B, 2) true_shape."""
+        """Decode a pair of encoded views (from `encode_views`); shapes are (H, W) or (B, 2) true_shape.
+
+        `descriptors=False` skips MASt3R's descriptor head ("desc"/"desc_conf" are then absent; the
+        point maps and confidences are unchanged); DUSt3R has no descriptors and ignores it.
+        """
         if tokens1.shape[0] != tokens2.shape[0]:
             raise ValueError(f"tokens1/tokens2: batch sizes differ ({tokens1.shape[0]} vs {tokens2.shape[0]})")
         size1, size2 = _to_hw(shape1, "shape1"), _to_hw(shape2, "shape2")
@@ -263,8 +274,8 @@ class DUSt3R(nn.Module):
         dec1, dec2 = self._decode(tokens1, pos1, tokens2, pos2)
         # the heads always run in float32, outside autocast
         with torch.autocast(device_type=tokens1.device.type, enabled=False):
-            pred1 = self._postprocess(self.downstream_head1([t.float() for t in dec1], size1))
-            pred2 = self._postprocess(self.downstream_head2([t.float() for t in dec2], size2))
+            pred1 = self._predict(self.downstream_head1, [t.float() for t in dec1], size1, descriptors)
+            pred2 = self._predict(self.downstream_head2, [t.float() for t in dec2], size2, descriptors)
         pred2["pts3d_in_other_view"] = pred2.pop("pts3d")
         return pred1, pred2
 

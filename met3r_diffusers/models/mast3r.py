@@ -79,9 +79,14 @@ class MASt3R(DUSt3R):
     def _make_head(self, hooks: list[int], dims: list[int]) -> nn.Module:
         return _CatMlpDPTHead(hooks, dims, self.desc_dim + int(self.two_confs))
 
-    def _postprocess(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw head output -> {"pts3d", "conf", "desc" (unit norm), "desc_conf"}."""
-        out = super()._postprocess(raw[:, :4])
+    def _predict(
+        self, head: nn.Module, tokens: list[torch.Tensor], image_size: tuple[int, int], descriptors: bool
+    ) -> dict[str, torch.Tensor]:
+        """Points and confidence, plus "desc" (unit norm) and "desc_conf" unless descriptors=False."""
+        if not descriptors:
+            return self._points_and_conf(head.dpt(tokens, image_size))
+        raw = head(tokens, image_size)
+        out = self._points_and_conf(raw[:, :4])
         desc = raw[:, 4 : 4 + self.desc_dim].permute(0, 2, 3, 1)
         out["desc"] = desc / desc.norm(dim=-1, keepdim=True)
         if self.two_confs:
