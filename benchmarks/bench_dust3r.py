@@ -5,13 +5,16 @@ Uses deterministic stand-in weights (no download), so it needs the parity fixtur
 
     python benchmarks/bench_dust3r.py [--threads 2] [--repeats 3] [--model mast3r|dust3r]
 
-Reports per-pair forward time at 256x256 and 512x384 (H x W = 384 x 512), forward+backward
-w.r.t. the input images at 256x256, the same under bf16 autocast, and peak resident memory
-(VmHWM, reset before each measurement; includes the weights and the PyTorch runtime).
+Reports per-pair time (median over repeats after one warm-up) of the forward at 256x256 and
+512x384 (H x W = 384 x 512), with and without MASt3R's descriptor head, under bf16 autocast,
+and of forward+backward w.r.t. the input images at 256x256, with the peak resident memory of
+each (VmHWM, reset before each setting; includes the weights and the PyTorch runtime). The
+pair runs as the metric runs it: `encode_views` on both images, then `decode_pair`.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib.util
 import json
@@ -50,12 +53,18 @@ def _rss_gib(field: str) -> float:
 def _reset_peak() -> None:
     gc.collect()
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the peak below starts clean
+    except OSError:
+        pass
+    try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
     except OSError:
         pass
 
 
-def _measure(model: torch.nn.Module, height: int, width: int, repeats: int, backward: bool, bf16: bool) -> dict:
+def _measure(
+    model: torch.nn.Module, height: int, width: int, repeats: int, backward: bool, bf16: bool, descriptors: bool
+) -> dict:
     gen = torch.Generator().manual_seed(0)
     img1 = torch.rand(1, 3, height, width, generator=gen) * 2 - 1
     img2 = torch.rand(1, 3, height, width, generator=gen) * 2 - 1
@@ -65,7 +74,9 @@ def _measure(model: torch.nn.Module, height: int, width: int, repeats: int, back
         a, b = img1.clone().requires_grad_(backward), img2.clone().requires_grad_(backward)
         start = time.perf_counter()
         with torch.set_grad_enabled(backward), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred1, pred2 = model({"img": a}, {"img": b})
+            tokens, pos = model.encode_views(torch.cat((a, b)))
+            pred1, pred2 = model.decode_pair(tokens[:1], pos[:1], tokens[1:], pos[1:], (height, width),
+                                             (height, width), descriptors=descriptors)
             if backward:
                 (pred1["pts3d"].mean() + pred2["pts3d_in_other_view"].mean()).backward()
         times.append(time.perf_counter() - start)
@@ -84,21 +95,23 @@ def main() -> None:
 
     start = time.perf_counter()
     model = _standin_model(args.model)
-    gc.collect()
+    _reset_peak()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} full size: {n_params / 1e6:.1f} M parameters ({n_params * 4 / 2**30:.2f} GiB float32), "
           f"built in {time.perf_counter() - start:.1f} s; torch {torch.__version__}, {args.threads} threads; "
           f"RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
-    settings = [
-        ("forward 256x256", 256, 256, False, False),
-        ("forward 384x512", 384, 512, False, False),
-        ("forward+backward 256x256", 256, 256, True, False),
-        ("forward 256x256 bf16 autocast", 256, 256, False, True),
-        ("forward 384x512 bf16 autocast", 384, 512, False, True),
+    settings = [  # label, H, W, backward, bf16 autocast, descriptors
+        ("forward 256x256", 256, 256, False, False, True),
+        ("forward 384x512", 384, 512, False, False, True),
+        ("forward 256x256 bf16 autocast", 256, 256, False, True, True),
+        ("forward 384x512 bf16 autocast", 384, 512, False, True, True),
+        ("forward+backward 256x256", 256, 256, True, False, True),
     ]
-    for label, height, width, backward, bf16 in settings:
-        result = _measure(model, height, width, args.repeats, backward, bf16)
-        print(f"{label:32s} {result['median_s']:6.2f} s/pair (min {result['min_s']:.2f})   "
+    if args.model == "mast3r":
+        settings.insert(1, ("forward 256x256 descriptors=False", 256, 256, False, False, False))
+    for label, height, width, backward, bf16, descriptors in settings:
+        result = _measure(model, height, width, args.repeats, backward, bf16, descriptors)
+        print(f"{label:34s} {result['median_s']:6.2f} s/pair (min {result['min_s']:.2f})   "
               f"peak RSS {result['peak_rss_gib']:.2f} GiB")
 
 

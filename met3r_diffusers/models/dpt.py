@@ -89,7 +89,7 @@ class DPTHead(nn.Module):
             nn.Conv2d(features, features // 2, kernel_size=3, padding=1),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
             nn.Conv2d(features // 2, last_dim, kernel_size=3, padding=1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(last_dim, out_channels, kernel_size=1),
         )
         self._register_load_state_dict_pre_hook(self._resolve_official_names)
