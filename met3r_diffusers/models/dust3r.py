@@ -152,7 +152,7 @@ class DUSt3R(nn.Module):
         self.downstream_head2 = self._make_head(hooks, dims)
         self._register_load_state_dict_pre_hook(self._resolve_official_names)
 
-    # --- configuration specific to DUSt3R (MASt3R overrides these three) ---
+    # --- head configuration (MASt3R overrides these) ---
 
     @staticmethod
     def _check_head(head_type: str, output_mode: str) -> None:
