@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -39,15 +39,15 @@ class Checkpoint:
 
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
-    class_name: Optional[str] = None
+    class_name: str | None = None
 
 
 def resolve_files(
     name_or_path: PathLike,
     filenames: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME),
-    revision: Optional[str] = None,
-    cache_dir: Optional[PathLike] = None,
-    local_files_only: Optional[bool] = None,
+    revision: str | None = None,
+    cache_dir: PathLike | None = None,
+    local_files_only: bool | None = None,
 ) -> dict[str, Path]:
     """Local paths of `filenames` from a local directory or a Hugging Face repo id.
 
@@ -147,9 +147,9 @@ def _load_torch_checkpoint(path: Path) -> Checkpoint:
 
 def load_pretrained(
     name_or_path: PathLike,
-    revision: Optional[str] = None,
-    cache_dir: Optional[PathLike] = None,
-    local_files_only: Optional[bool] = None,
+    revision: str | None = None,
+    cache_dir: PathLike | None = None,
+    local_files_only: bool | None = None,
 ) -> Checkpoint:
     """Read a checkpoint from a local official `.pth`, a local directory or a Hugging Face repo id."""
     path = Path(name_or_path)

@@ -5,8 +5,8 @@ import gc
 
 import pytest
 import torch
-
 from _parity import load_json, load_tensors, standin_state_dict
+
 from met3r_diffusers.models import DUSt3R, MASt3R
 
 CLASSES = {"AsymmetricCroCo3DStereo": DUSt3R, "AsymmetricMASt3R": MASt3R}
@@ -167,12 +167,12 @@ def test_constructor_accepts_json_and_python_forms():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(head_type="linear"), "head_type"),
-        (dict(output_mode="pts3d+desc24"), "output_mode"),
-        (dict(conf_mode=("sigmoid", 0, 1)), "conf_mode"),
-        (dict(pos_embed="cosine"), "pos_embed"),
-        (dict(patch_size=8), "patch_size"),
-        (dict(dec_depth=2), "dec_depth"),
+        ({"head_type": "linear"}, "head_type"),
+        ({"output_mode": "pts3d+desc24"}, "output_mode"),
+        ({"conf_mode": ("sigmoid", 0, 1)}, "conf_mode"),
+        ({"pos_embed": "cosine"}, "pos_embed"),
+        ({"patch_size": 8}, "patch_size"),
+        ({"dec_depth": 2}, "dec_depth"),
     ],
 )
 def test_constructor_rejects_unsupported_arguments(kwargs, match):
@@ -259,7 +259,8 @@ def test_full_dust3r_parity(full_mast3r, case):
         tokens1, pos1 = model.encode_views(inputs["img1"])
         tokens2, pos2 = model.encode_views(inputs["img2"])
         dec1, dec2 = model._decode(tokens1, pos1, tokens2, pos2)
-        pred1, pred2 = model.decode_pair(tokens1, pos1, tokens2, pos2, inputs["img1"].shape[-2:], inputs["img2"].shape[-2:])
+        shape1, shape2 = inputs["img1"].shape[-2:], inputs["img2"].shape[-2:]
+        pred1, pred2 = model.decode_pair(tokens1, pos1, tokens2, pos2, shape1, shape2)
     assert (tokens1 - ref["enc.feat1"]).abs().max() <= 1e-4 and (tokens2 - ref["enc.feat2"]).abs().max() <= 1e-4
     assert (dec1[-1] - ref["dec1.final"]).abs().max() <= 1e-4 and (dec2[-1] - ref["dec2.final"]).abs().max() <= 1e-4
     _check_preds(pred1, pred2, ref)

@@ -6,8 +6,6 @@ no absolute position table.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +69,7 @@ class PatchEmbed(nn.Module):
 class Mlp(nn.Module):
     """Two-layer MLP with exact GELU."""
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()

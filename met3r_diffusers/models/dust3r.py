@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import nn
@@ -78,14 +78,15 @@ class DUSt3R(nn.Module):
     (`freeze`, `mask_ratio`) are accepted and ignored.
     """
 
-    _official_class_name = "AsymmetricCroCo3DStereo"
+    _official_class_name: ClassVar[str] = "AsymmetricCroCo3DStereo"
     # defaults of the official constructor, applied to checkpoints that leave arguments out
-    _official_defaults = dict(
-        output_mode="pts3d", head_type="linear", depth_mode=("exp", -_INF, _INF), conf_mode=("exp", 1, _INF),
-        landscape_only=True, patch_embed_cls="PatchEmbedDust3R", img_size=224, patch_size=16,
-        enc_embed_dim=768, enc_depth=12, enc_num_heads=12, dec_embed_dim=512, dec_depth=8, dec_num_heads=16,
-        mlp_ratio=4.0, norm_im2_in_dec=True, pos_embed="cosine",
-    )
+    _official_defaults: ClassVar[dict[str, Any]] = {
+        "output_mode": "pts3d", "head_type": "linear", "depth_mode": ("exp", -_INF, _INF),
+        "conf_mode": ("exp", 1, _INF), "landscape_only": True, "patch_embed_cls": "PatchEmbedDust3R",
+        "img_size": 224, "patch_size": 16, "enc_embed_dim": 768, "enc_depth": 12, "enc_num_heads": 12,
+        "dec_embed_dim": 512, "dec_depth": 8, "dec_num_heads": 16, "mlp_ratio": 4.0, "norm_im2_in_dec": True,
+        "pos_embed": "cosine",
+    }
 
     def __init__(
         self,
@@ -96,7 +97,7 @@ class DUSt3R(nn.Module):
         freeze: str = "none",
         landscape_only: bool = False,
         patch_embed_cls: str = "PatchEmbedDust3R",
-        img_size: Union[int, Sequence[int]] = (512, 512),
+        img_size: int | Sequence[int] = (512, 512),
         patch_size: int = 16,
         mask_ratio: float = 0.9,
         enc_embed_dim: int = 1024,
@@ -126,13 +127,15 @@ class DUSt3R(nn.Module):
             raise ValueError(f"depth_mode: bounded depth is not supported, got {depth_mode!r}")
         self.conf_mode = _parse_mode(conf_mode, "conf_mode")
         self._check_head(head_type, output_mode)
-        self.config = dict(
-            output_mode=output_mode, head_type=head_type, depth_mode=list(self.depth_mode),
-            conf_mode=list(self.conf_mode), landscape_only=False, patch_embed_cls="PatchEmbedDust3R",
-            img_size=list(img_size), patch_size=patch_size, enc_embed_dim=enc_embed_dim, enc_depth=enc_depth,
-            enc_num_heads=enc_num_heads, dec_embed_dim=dec_embed_dim, dec_depth=dec_depth,
-            dec_num_heads=dec_num_heads, mlp_ratio=mlp_ratio, norm_im2_in_dec=norm_im2_in_dec, pos_embed=pos_embed,
-        )
+        # constructor arguments as save_pretrained writes them (the inference patch embedding)
+        self.config = {
+            "output_mode": output_mode, "head_type": head_type, "depth_mode": list(self.depth_mode),
+            "conf_mode": list(self.conf_mode), "landscape_only": False, "patch_embed_cls": "PatchEmbedDust3R",
+            "img_size": list(img_size), "patch_size": patch_size, "enc_embed_dim": enc_embed_dim,
+            "enc_depth": enc_depth, "enc_num_heads": enc_num_heads, "dec_embed_dim": dec_embed_dim,
+            "dec_depth": dec_depth, "dec_num_heads": dec_num_heads, "mlp_ratio": mlp_ratio,
+            "norm_im2_in_dec": norm_im2_in_dec, "pos_embed": pos_embed,
+        }
         self.rope_base = float(pos_embed[len("RoPE"):])
 
         self.patch_embed = PatchEmbed(patch_size, 3, enc_embed_dim)
@@ -193,11 +196,11 @@ class DUSt3R(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: Union[str, os.PathLike],
-        revision: Optional[str] = None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
-        local_files_only: Optional[bool] = None,
-    ) -> "DUSt3R":
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ) -> DUSt3R:
         """Load from a Hugging Face repo id, a local directory (config.json + model.safetensors)
         or a local official `.pth` checkpoint."""
         checkpoint = hub.load_pretrained(
@@ -215,7 +218,7 @@ class DUSt3R(nn.Module):
         hub.load_state_dict_strict(model, state_dict, assign=True, source=str(name_or_path))
         return model.eval()
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors (the layout `from_pretrained` reads)."""
         hub.save_pretrained(self.state_dict(), self.config, save_directory)
 

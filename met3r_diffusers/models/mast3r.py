@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +48,10 @@ class MASt3R(DUSt3R):
     those of the released ViT-Large / 512 / catmlp+dpt / metric checkpoint.
     """
 
-    _official_class_name = "AsymmetricMASt3R"
-    _official_defaults = dict(DUSt3R._official_defaults, desc_mode="norm", two_confs=False, desc_conf_mode=None)
+    _official_class_name: ClassVar[str] = "AsymmetricMASt3R"
+    _official_defaults: ClassVar[dict[str, Any]] = {
+        **DUSt3R._official_defaults, "desc_mode": "norm", "two_confs": False, "desc_conf_mode": None,
+    }
 
     def __init__(
         self,
@@ -66,7 +68,9 @@ class MASt3R(DUSt3R):
         self.desc_dim = int(match.group(1)) if match else 0
         self.two_confs = bool(two_confs)
         super().__init__(output_mode=output_mode, head_type=head_type, **kwargs)
-        self.desc_conf_mode = self.conf_mode if desc_conf_mode is None else _parse_mode(desc_conf_mode, "desc_conf_mode")
+        self.desc_conf_mode = (
+            self.conf_mode if desc_conf_mode is None else _parse_mode(desc_conf_mode, "desc_conf_mode")
+        )
         self.config.update(desc_mode="norm", two_confs=self.two_confs, desc_conf_mode=list(self.desc_conf_mode))
 
     @staticmethod
