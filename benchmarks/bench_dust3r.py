@@ -84,6 +84,29 @@ def _measure(
     return {"median_s": statistics.median(times[1:]), "min_s": min(times[1:]), "peak_rss_gib": _rss_gib("VmHWM")}
 
 
+def _calibration(model: torch.nn.Module) -> str:
+    """FLOPs of one 256x256 pair forward and the machine's float32 matmul rate right now.
+
+    The machine is shared, so times move with the load; FLOPs / time against the matmul rate
+    shows how close the forward runs to what the machine gives at that moment.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.zeros(2, 3, 256, 256)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        tokens, pos = model.encode_views(images)
+        model.decode_pair(tokens[:1], pos[:1], tokens[1:], pos[1:], (256, 256), (256, 256))
+    a, b = torch.randn(512, 1024), torch.randn(1024, 4096)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(20):
+        torch.mm(a, b)
+    rate = 20 * 2 * 512 * 1024 * 4096 / (time.perf_counter() - start) / 1e9
+    flops = counter.get_total_flops() / 1e9
+    return (f"256x256 pair forward: {flops:.0f} GFLOP; float32 matmul rate now: {rate:.0f} GFLOP/s "
+            f"(so >= {flops / rate:.2f} s at that rate)")
+
+
 def main() -> None:
     """Run the benchmark and print one line per setting."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +123,7 @@ def main() -> None:
     print(f"{args.model} full size: {n_params / 1e6:.1f} M parameters ({n_params * 4 / 2**30:.2f} GiB float32), "
           f"built in {time.perf_counter() - start:.1f} s; torch {torch.__version__}, {args.threads} threads; "
           f"RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
+    print(_calibration(model))
     settings = [  # label, H, W, backward, bf16 autocast, descriptors
         ("forward 256x256", 256, 256, False, False, True),
         ("forward 384x512", 384, 512, False, False, True),

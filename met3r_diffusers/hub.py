@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -129,8 +130,10 @@ def _literal(node: ast.AST, text: str) -> Any:
 
 def _load_torch_checkpoint(path: Path) -> Checkpoint:
     """Read an official Naver checkpoint: {"args": Namespace(model="Class(...)") | str, "model": state_dict}."""
+    # torch >= 2.5 can allow-list the argparse.Namespace that official checkpoints pickle
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle refusing a global, truncated file, ...
         raise ValueError(f"{path}: cannot read this checkpoint safely (weights_only=True): {err}") from err

@@ -80,11 +80,18 @@ def test_naver_pth_with_string_args_and_wrong_class(tmp_path, official_state_dic
         MASt3R.from_pretrained(path)
 
 
+class _Unlisted:
+    """A class that a weights_only unpickler must refuse to rebuild."""
+
+
 def test_pth_with_code_is_refused(tmp_path, official_state_dict):
     path = tmp_path / "evil.pth"
     torch.save({"args": "AsymmetricCroCo3DStereo(enc_depth=__import__('os').system('echo hi'))",
                 "model": official_state_dict}, path)
     with pytest.raises(ValueError, match="unsupported expression"):
+        DUSt3R.from_pretrained(path)
+    torch.save({"args": _Unlisted(), "model": {}}, path)
+    with pytest.raises(ValueError, match="cannot read this checkpoint safely"):
         DUSt3R.from_pretrained(path)
 
 
