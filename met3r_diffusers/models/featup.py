@@ -21,11 +21,12 @@ import pickle
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .dino import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoFeaturizer
 
@@ -63,82 +64,120 @@ class ChannelNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Windowed operations as sparse products
+# The JBU's spatial operations as sparse matrices
 #
-# For an output grid of H x W pixels and a (2r+1)^2 window, pixel (y, x) tap p = i*(2r+1) + j
-# reads pixel (y + i, x + j) of the grid padded by r on every side (Hp = H + 2r, Wp = W + 2r).
-# With per-tap weights w (B, H, W, taps) this is a sparse matrix A (B*H*W x B*Hp*Wp, block
-# diagonal over the batch), and with channels-last maps:
-#   gather:  out = A @ padded                  out[b,y,x,:] = sum_p w[b,y,x,p] padded[b,y+i,x+j,:]
-#   scatter: out = A^T @ values                (the adjoint of gather)
-#   dot:     d[b,y,x,p] = <centre[b,y,x,:], padded[b,y+i,x+j,:]>   (A's pattern sampled from
-#            centre @ padded^T)
+# Maps are flattened channels-last, one row per pixel: (B*H*W, C). A "tap matrix" A has, for
+# every output pixel r, a fixed list of input pixels index[r, p] (p = 0..taps-1) with per-call
+# weights w[r, p]; it is block-diagonal over the batch. Then
+#   A @ x            out[r] = sum_p w[r, p] x[index[r, p]]
+#   A^T @ y          its adjoint (the gradient of the former w.r.t. x)
+#   sampled dot      d[r, p] = <y[r], x[index[r, p]]>   (the gradient w.r.t. w; also the range logits)
+# Two such matrices appear: the 7x7 window of every pixel (reflected at the borders, which is
+# what FeatUp's reflect padding does) and bicubic resizing (16 taps, clamped at the borders).
 # --------------------------------------------------------------------------------------------
 
 
-class _Windows:
-    """Sparse CSR patterns of the window matrix A and of its transpose for one grid size."""
+def _offsets(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """CSR row offsets from per-row entry counts."""
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(dtype)
 
-    def __init__(self, batch: int, height: int, width: int, radius: int, device: torch.device):
-        size = 2 * radius + 1
-        self.batch, self.height, self.width, self.taps = batch, height, width, size * size
-        self.padded_shape = (height + 2 * radius, width + 2 * radius)
-        num_out, num_in = height * width, self.padded_shape[0] * self.padded_shape[1]
-        index_dtype = torch.int32 if batch * max(num_in, num_out * self.taps) < 2**31 else torch.int64
 
-        y = torch.arange(height, device=device).view(-1, 1, 1, 1)
-        x = torch.arange(width, device=device).view(1, -1, 1, 1)
-        offset = torch.arange(size, device=device)
-        cols = ((y + offset.view(1, 1, -1, 1)) * self.padded_shape[1] + x + offset).reshape(-1)  # (H*W*taps,)
-        # A^T: entries sorted by input pixel (stable, so by output pixel within a row)
-        self.order = torch.argsort(cols, stable=True)
-        per_input = torch.bincount(cols, minlength=num_in)
+class _TapMatrix:
+    """A and A^T in canonical CSR form: columns sorted, taps of a row that hit one pixel merged."""
 
+    def __init__(self, index: torch.Tensor, num_in: int, batch: int):
+        num_out, self.taps = index.shape
+        device = index.device
+        rows = torch.arange(num_out, device=device).repeat_interleave(self.taps)
+        entries, slot = torch.unique(rows * num_in + index.reshape(-1), return_inverse=True)  # sorted
+        row, col = entries // num_in, entries % num_in
+        num_entries = entries.numel()
+        order = torch.argsort(col, stable=True)  # A^T: by input pixel, then output pixel
+        dtype = torch.int32 if batch * max(num_in, num_out, num_entries * 2) < 2**31 else torch.int64
         image = torch.arange(batch, device=device).view(-1, 1)
-        nnz = num_out * self.taps
-        self.crow = torch.arange(0, batch * nnz + 1, self.taps, device=device, dtype=index_dtype)
-        self.col = (cols + image * num_in).reshape(-1).to(index_dtype)
-        crow_t = torch.zeros(batch * num_in + 1, device=device, dtype=torch.int64)
-        crow_t[1:] = torch.cumsum(per_input.repeat(batch), 0)
-        self.crow_t = crow_t.to(index_dtype)
-        self.col_t = (self.order // self.taps + image * num_out).reshape(-1).to(index_dtype)
-        self.order_t = (self.order + image * nnz).reshape(-1)
+        self.slot = (slot + image * num_entries).reshape(-1).to(dtype)  # merged entry of each (pixel, tap)
+        self.crow = _offsets(torch.bincount(row, minlength=num_out).repeat(batch), dtype)
+        self.col = (col + image * num_in).reshape(-1).to(dtype)
+        self.crow_t = _offsets(torch.bincount(col, minlength=num_in).repeat(batch), dtype)
+        self.col_t = (row[order] + image * num_out).reshape(-1).to(dtype)
+        self.order_t = (order + image * num_entries).reshape(-1).to(dtype)
         self.shape = (batch * num_out, batch * num_in)
 
-    def _matrix(self, weights: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        values = weights.reshape(-1)
-        crow, col, shape = (self.crow_t, self.col_t, self.shape[::-1]) if transpose else (self.crow, self.col, self.shape)
+    def merge(self, weights: torch.Tensor) -> torch.Tensor:
+        """Per-(pixel, tap) weights (B*num_out*taps values) -> CSR values of A."""
+        values = weights.new_zeros(self.col.shape[0])
+        return values.index_add_(0, self.slot, weights.reshape(-1))
+
+    def _csr(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
+        if transpose:
+            crow, col, values, shape = self.crow_t, self.col_t, values.index_select(0, self.order_t), self.shape[::-1]
+        else:
+            crow, col, shape = self.crow, self.col, self.shape
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-            return torch.sparse_csr_tensor(crow, col, values[self.order_t] if transpose else values, size=shape,
-                                           check_invariants=False)
+            return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
 
-    def gather(self, weights: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, taps) x (B, Hp, Wp, C) -> (B, H, W, C)."""
-        channels = padded.shape[-1]
-        out = self._matrix(weights) @ padded.reshape(-1, channels)
-        return out.view(self.batch, self.height, self.width, channels)
+    def matmul(self, values: torch.Tensor, dense: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """A @ dense (or A^T @ dense) for merged `values`; dense (rows, C) -> (rows', C)."""
+        matrix = self._csr(values, transpose)
+        # into a fresh buffer (beta=0 ignores its contents): `matrix @ dense` would zero-fill and copy
+        out = dense.new_empty(matrix.shape[0], dense.shape[1])
+        return torch.addmm(out, matrix, dense, beta=0, out=out)
 
-    def scatter(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, taps) x (B, H, W, C) -> (B, Hp, Wp, C), the adjoint of `gather`."""
-        channels = values.shape[-1]
-        out = self._matrix(weights, transpose=True) @ values.reshape(-1, channels)
-        return out.view(self.batch, *self.padded_shape, channels)
+    def sampled_dot(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """d[r, p] = <left[r], right[index[r, p]]> as (B*num_out*taps,); left (B*num_out, C), right (B*num_in, C)."""
+        pattern = self._csr(left.new_zeros(self.col.shape[0]), transpose=False)
+        sampled = torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0).values()
+        return sampled.index_select(0, self.slot)
 
-    def dot(self, centre: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) x (B, Hp, Wp, C) -> (B, H, W, taps) window dot products."""
-        channels = centre.shape[-1]
-        pattern = self._matrix(centre.new_zeros(self.crow.shape[0] - 1, self.taps))
-        sampled = torch.sparse.sampled_addmm(pattern, centre.reshape(-1, channels), padded.reshape(-1, channels).t(),
-                                             beta=0.0)
-        return sampled.values().view(self.batch, self.height, self.width, self.taps)
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Reflect out-of-range indices at the borders (no repeated edge), as reflect padding does."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_matrix(batch: int, height: int, width: int, radius: int, padded: bool,
+                   device: torch.device) -> _TapMatrix:
+    """Tap p = i*(2r+1) + j of pixel (y, x) reads (y+i-r, x+j-r), reflected at the borders; or,
+    when `padded`, pixel (y+i, x+j) of an input already padded by r on every side."""
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    rows = torch.arange(height, device=device)[:, None] + offsets
+    cols = torch.arange(width, device=device)[:, None] + offsets
+    if padded:
+        rows, cols, in_width = rows + radius, cols + radius, width + 2 * radius
+        num_in = (height + 2 * radius) * in_width
+    else:
+        rows, cols, in_width, num_in = _reflect(rows, height), _reflect(cols, width), width, height * width
+    index = rows[:, None, :, None] * in_width + cols[None, :, None, :]  # (H, W, 2r+1, 2r+1)
+    return _TapMatrix(index.reshape(height * width, -1), num_in, batch)
+
+
+def _cubic_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source indices and weights (out_size, 4) of bicubic resizing along one axis, as `F.interpolate`
+    with a size: align_corners=False, a = -0.75, indices clamped at the borders."""
+    a = -0.75
+    source = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
+    first = source.floor()
+    t = (source - first)[:, None]
+    index = (first.long()[:, None] + torch.arange(-1, 3, device=device)).clamp(0, in_size - 1)
+    distance = torch.cat([t + 1, t, 1 - t, 2 - t], dim=1)
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
+    return index, torch.where(distance <= 1, near, far)
 
 
 @functools.lru_cache(maxsize=8)
-def _windows(batch: int, height: int, width: int, radius: int, device: torch.device) -> _Windows:
-    return _Windows(batch, height, width, radius, device)
-
-
+def _bicubic_matrix(batch: int, in_size: tuple[int, int], out_size: tuple[int, int],
+                    device: torch.device) -> tuple[_TapMatrix, torch.Tensor]:
+    """Bicubic resize from in_size to out_size as a tap matrix and its (float64) values."""
+    rows, row_weights = _cubic_taps(in_size[0], out_size[0], device)
+    cols, col_weights = _cubic_taps(in_size[1], out_size[1], device)
+    index = rows[:, None, :, None] * in_size[1] + cols[None, :, None, :]  # (out_h, out_w, 4, 4)
+    weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
+    matrix = _TapMatrix(index.reshape(out_size[0] * out_size[1], 16), in_size[0] * in_size[1], batch)
+    return matrix, matrix.merge(weights.expand(batch, *weights.shape))
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -146,69 +185,81 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
 class _WindowDot(torch.autograd.Function):
-    """d[b,y,x,p] = <centre[b,y,x,:], padded[b,y+i,x+j,:]> for channels-last maps."""
+    """logits[b,y,x,p] = <keys[b,y,x,:], keys[b,y',x',:]> over the reflected window (y', x') of each pixel."""
 
     @staticmethod
-    def forward(ctx, centre: torch.Tensor, padded: torch.Tensor, radius: int) -> torch.Tensor:
-        ctx.dtypes = (centre.dtype, padded.dtype)
-        dtype = _compute_dtype(centre)
-        centre, padded = centre.to(dtype).contiguous(), padded.to(dtype).contiguous()
-        ctx.windows = _windows(*centre.shape[:3], radius, centre.device)
-        ctx.save_for_backward(centre, padded)
-        return ctx.windows.dot(centre, padded).to(ctx.dtypes[0])
+    def forward(ctx, keys: torch.Tensor, radius: int) -> torch.Tensor:
+        ctx.dtype = keys.dtype
+        keys = keys.to(_compute_dtype(keys)).contiguous()
+        batch, height, width, channels = keys.shape
+        ctx.matrix = _window_matrix(batch, height, width, radius, False, keys.device)
+        ctx.save_for_backward(keys)
+        flat = keys.view(-1, channels)
+        return ctx.matrix.sampled_dot(flat, flat).view(batch, height, width, -1).to(ctx.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        centre, padded = ctx.saved_tensors
-        grad = grad.to(centre.dtype).contiguous()
-        grad_centre = grad_padded = None
-        if ctx.needs_input_grad[0]:
-            grad_centre = ctx.windows.gather(grad, padded).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            grad_padded = ctx.windows.scatter(grad, centre).to(ctx.dtypes[1])
-        return grad_centre, grad_padded, None
+        (keys,) = ctx.saved_tensors
+        flat = keys.view(-1, keys.shape[-1])
+        values = ctx.matrix.merge(grad.to(keys.dtype))
+        # keys appear on both sides of the dot product: as centres and as window pixels
+        grad_keys = ctx.matrix.matmul(values, flat) + ctx.matrix.matmul(values, flat, transpose=True)
+        return grad_keys.view(keys.shape).to(ctx.dtype), None
 
 
 class _AdaptiveConv(torch.autograd.Function):
-    """out[b,y,x,:] = sum_p kernel[b,y,x,p] * padded[b,y+i,x+j,:] with padded = prepare(source).
+    """out[b,y,x,:] = sum_p kernel[b,y,x,p] * source'[b, window_p(y, x), :], channels-last (B, H, W, C).
 
-    `prepare` maps `source` to the channels-last padded map (B, Hp, Wp, C). Its result is not
-    stored: backward runs it again (with autograd) to get the source gradient.
+    With `resize`, source' is `source` (B, C, h, w) bicubically resized to the kernel's (H, W) and
+    the windows reflect at the borders (FeatUp's pre-upsampling and reflect padding); without,
+    `source` is already padded by the radius. source' is recomputed in backward, never stored.
     """
 
     @staticmethod
-    def forward(ctx, source: torch.Tensor, kernel: torch.Tensor,
-                prepare: Callable[[torch.Tensor], torch.Tensor], radius: int) -> torch.Tensor:
+    def forward(ctx, source: torch.Tensor, kernel: torch.Tensor, radius: int, resize: bool) -> torch.Tensor:
         ctx.dtypes = (source.dtype, kernel.dtype)
         dtype = _compute_dtype(kernel)
         source, kernel = source.to(dtype), kernel.to(dtype).contiguous()
-        ctx.windows = _windows(*kernel.shape[:3], radius, kernel.device)
-        ctx.prepare = prepare
+        batch, height, width, _ = kernel.shape
+        device = kernel.device
+        ctx.window = _window_matrix(batch, height, width, radius, not resize, device)
+        ctx.resize = _bicubic_matrix(batch, tuple(source.shape[-2:]), (height, width), device) if resize else None
         ctx.save_for_backward(source, kernel)
-        return ctx.windows.gather(kernel, prepare(source).contiguous()).to(ctx.dtypes[0])
+        out = ctx.window.matmul(ctx.window.merge(kernel), _AdaptiveConv._input_map(ctx.resize, source))
+        return out.view(batch, height, width, -1).to(ctx.dtypes[0])
+
+    @staticmethod
+    def _input_map(resize: Optional[tuple[_TapMatrix, torch.Tensor]], source: torch.Tensor) -> torch.Tensor:
+        flat = _channels_last(source).reshape(-1, source.shape[1])
+        if resize is None:
+            return flat
+        matrix, values = resize
+        return matrix.matmul(values.to(flat.dtype), flat)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         source, kernel = ctx.saved_tensors
-        grad = grad.to(kernel.dtype).contiguous()
-        needs_source, needs_kernel = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
-            source = source.detach().requires_grad_(needs_source)
-            padded = ctx.prepare(source)
+        grad = grad.to(kernel.dtype).reshape(-1, grad.shape[-1])
         grad_source = grad_kernel = None
-        if needs_kernel:
-            grad_kernel = ctx.windows.dot(grad, padded.detach().contiguous()).to(ctx.dtypes[1])
-        if needs_source:
-            (grad_source,) = torch.autograd.grad(padded, source, ctx.windows.scatter(kernel, grad))
-            grad_source = grad_source.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            input_map = _AdaptiveConv._input_map(ctx.resize, source)
+            grad_kernel = ctx.window.sampled_dot(grad, input_map).view(kernel.shape).to(ctx.dtypes[1])
+            del input_map
+        if ctx.needs_input_grad[0]:
+            grad_input = ctx.window.matmul(ctx.window.merge(kernel), grad, transpose=True)
+            if ctx.resize is not None:
+                matrix, values = ctx.resize
+                grad_input = matrix.matmul(values.to(grad.dtype), grad_input, transpose=True)
+            batch, channels, height, width = source.shape
+            grad_source = grad_input.view(batch, height, width, channels).permute(0, 3, 1, 2).to(ctx.dtypes[0])
         return grad_source, grad_kernel, None, None
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
 
 
 def _adaptive_conv(padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
@@ -217,16 +268,8 @@ def _adaptive_conv(padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     `out[b,c,y,x] = sum_{i,j} filters[b,y,x,i,j] * padded[b,c,y+i,x+j]` (cross-correlation).
     """
     batch, height, width, size, _ = filters.shape
-    out = _AdaptiveConv.apply(padded, filters.reshape(batch, height, width, size * size), _channels_last,
-                              (size - 1) // 2)
+    out = _AdaptiveConv.apply(padded, filters.reshape(batch, height, width, size * size), (size - 1) // 2, False)
     return out.permute(0, 3, 1, 2)
-
-
-def _upsample_and_pad(source: torch.Tensor, size: tuple[int, int], radius: int) -> torch.Tensor:
-    """Bicubic resize (a = -0.75, align_corners=False) then reflect padding; channels-last result."""
-    source = source.contiguous(memory_format=torch.channels_last)
-    upsampled = F.interpolate(source, size=size, mode="bicubic", align_corners=False)
-    return _channels_last(F.pad(upsampled, [radius] * 4, mode="reflect"))
 
 
 class JBUStage(nn.Module):
@@ -260,8 +303,7 @@ class JBUStage(nn.Module):
         """Per-pixel kernels (B, H, W, taps) from the guidance pooled to the output size (B, 3, H, W)."""
         guidance = guidance.contiguous(memory_format=torch.channels_last)
         keys = self.range_proj(guidance)  # (B, key_dim, H, W)
-        padded_keys = F.pad(keys, [self.radius] * 4, mode="reflect")
-        logits = _WindowDot.apply(_channels_last(keys), _channels_last(padded_keys), self.radius)
+        logits = _WindowDot.apply(_channels_last(keys), self.radius)
         temperature = self.range_temp.exp().clamp(1e-4, 1e4)
         kernel = torch.softmax(temperature * logits, dim=-1) * self.spatial_kernel()
         kernel = kernel / kernel.sum(-1, keepdim=True).clamp_min(1e-7)
@@ -270,9 +312,12 @@ class JBUStage(nn.Module):
 
     def forward(self, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) features, (B, 3, H, W) pooled guidance -> (B, C, H, W) features (channels-last memory)."""
-        size = tuple(guidance.shape[-2:])
-        prepare = functools.partial(_upsample_and_pad, size=size, radius=self.radius)
-        out = _AdaptiveConv.apply(source, self.kernel(guidance), prepare, self.radius)
+        if torch.is_grad_enabled():
+            # the kernel's intermediate maps are recomputed in backward rather than stored
+            kernel = checkpoint(self.kernel, guidance, use_reentrant=False)
+        else:
+            kernel = self.kernel(guidance)
+        out = _AdaptiveConv.apply(source, kernel, self.radius, True)
         return out.permute(0, 3, 1, 2)
 
 
@@ -289,7 +334,11 @@ class JBUStack(nn.Module):
         for stage in (self.up1, self.up2, self.up3, self.up4):
             height, width = source.shape[-2:]
             source = stage(source, F.adaptive_avg_pool2d(guidance, (2 * height, 2 * width)))
-        return torch.add(source, self.fixup_proj(source), alpha=0.1)
+        dropout, conv = self.fixup_proj
+        # the 1x1 convolution as a matmul over channels-last pixels: with frozen weights it keeps
+        # no copy of its (largest) input for backward
+        fixup = F.linear(_channels_last(dropout(source)), conv.weight.flatten(1), conv.bias)
+        return torch.add(source, fixup.permute(0, 3, 1, 2), alpha=0.1)
 
 
 def _key_list(keys: list[str], limit: int = 10) -> str:
