@@ -119,6 +119,16 @@ def predict_x0(model_output: torch.Tensor, sample: torch.Tensor, timesteps: Time
     return alpha * sample - sigma * model_output  # v_prediction
 
 
+def _x0_coefficient(scheduler, timesteps: Timesteps) -> torch.Tensor:
+    """Coefficient of x0 in a sample at `timesteps` (float64, one per timestep): how a change of x0 shows up."""
+    t = _as_tensor(timesteps)
+    if is_flow_matching(scheduler):
+        return 1 - t / scheduler.config.num_train_timesteps
+    if _is_sigma_space(scheduler):
+        return torch.ones_like(t)
+    return _vp_alpha_sigma(scheduler.alphas_cumprod, t)[0]
+
+
 def _vae_scale_factor(vae) -> int:
     """Spatial downsampling factor of a diffusers VAE (8 for Stable Diffusion's)."""
     block_out_channels = vae.config.get("block_out_channels")
