@@ -68,7 +68,7 @@ class ChannelNorm(nn.Module):
 #
 # Maps are flattened channels-last, one row per pixel: (B*H*W, C). A "tap matrix" A has, for
 # every output pixel r, a fixed list of input pixels index[r, p] (p = 0..taps-1) with per-call
-# weights w[r, p]; it is block-diagonal over the batch. Then
+# weights w[r, p] (per image of the batch). Then
 #   A @ x            out[r] = sum_p w[r, p] x[index[r, p]]
 #   A^T @ y          its adjoint (the gradient of the former w.r.t. x)
 #   sampled dot      d[r, p] = <y[r], x[index[r, p]]>   (the gradient w.r.t. w; also the range logits)
@@ -83,30 +83,29 @@ def _offsets(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _TapMatrix:
-    """A and A^T in canonical CSR form: columns sorted, taps of a row that hit one pixel merged."""
+    """A (for one image) and A^T in canonical CSR form: columns sorted, taps of a row that hit one
+    pixel merged. Batched operands (B, rows, C) are multiplied image by image."""
 
-    def __init__(self, index: torch.Tensor, num_in: int, batch: int):
+    def __init__(self, index: torch.Tensor, num_in: int):
         num_out, self.taps = index.shape
-        device = index.device
-        rows = torch.arange(num_out, device=device).repeat_interleave(self.taps)
+        rows = torch.arange(num_out, device=index.device).repeat_interleave(self.taps)
         entries, slot = torch.unique(rows * num_in + index.reshape(-1), return_inverse=True)  # sorted
         row, col = entries // num_in, entries % num_in
-        num_entries = entries.numel()
         order = torch.argsort(col, stable=True)  # A^T: by input pixel, then output pixel
-        dtype = torch.int32 if batch * max(num_in, num_out, num_entries * 2) < 2**31 else torch.int64
-        image = torch.arange(batch, device=device).view(-1, 1)
-        self.slot = (slot + image * num_entries).reshape(-1).to(dtype)  # merged entry of each (pixel, tap)
-        self.crow = _offsets(torch.bincount(row, minlength=num_out).repeat(batch), dtype)
-        self.col = (col + image * num_in).reshape(-1).to(dtype)
-        self.crow_t = _offsets(torch.bincount(col, minlength=num_in).repeat(batch), dtype)
-        self.col_t = (row[order] + image * num_out).reshape(-1).to(dtype)
-        self.order_t = (order + image * num_entries).reshape(-1).to(dtype)
-        self.shape = (batch * num_out, batch * num_in)
+        dtype = torch.int32 if entries.numel() < 2**31 else torch.int64
+        self.slot = slot.to(dtype)  # merged entry of each (pixel, tap)
+        self.crow = _offsets(torch.bincount(row, minlength=num_out), dtype)
+        self.col = col.to(dtype)
+        self.crow_t = _offsets(torch.bincount(col, minlength=num_in), dtype)
+        self.col_t = row[order].to(dtype)
+        self.order_t = order.to(dtype)
+        self.shape = (num_out, num_in)
 
     def merge(self, weights: torch.Tensor) -> torch.Tensor:
-        """Per-(pixel, tap) weights (B*num_out*taps values) -> CSR values of A."""
-        values = weights.new_zeros(self.col.shape[0])
-        return values.index_add_(0, self.slot, weights.reshape(-1))
+        """Per-(pixel, tap) weights (B, ...) -> CSR values of A, (B, entries)."""
+        weights = weights.reshape(weights.shape[0], -1)
+        values = weights.new_zeros(weights.shape[0], self.col.shape[0])
+        return values.index_add_(1, self.slot, weights)
 
     def _csr(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
         if transpose:
@@ -118,17 +117,20 @@ class _TapMatrix:
             return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
 
     def matmul(self, values: torch.Tensor, dense: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """A @ dense (or A^T @ dense) for merged `values`; dense (rows, C) -> (rows', C)."""
-        matrix = self._csr(values, transpose)
-        # into a fresh buffer (beta=0 ignores its contents): `matrix @ dense` would zero-fill and copy
-        out = dense.new_empty(matrix.shape[0], dense.shape[1])
-        return torch.addmm(out, matrix, dense, beta=0, out=out)
+        """A @ dense (or A^T @ dense) per image for merged `values` (B, entries); dense (B, rows, C)."""
+        out = dense.new_empty(dense.shape[0], self.shape[1 if transpose else 0], dense.shape[-1])
+        for image_values, image_dense, image_out in zip(values, dense, out):
+            # beta=0 ignores the buffer's contents; `matrix @ dense` would zero-fill and copy
+            torch.addmm(image_out, self._csr(image_values, transpose), image_dense, beta=0, out=image_out)
+        return out
 
     def sampled_dot(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """d[r, p] = <left[r], right[index[r, p]]> as (B*num_out*taps,); left (B*num_out, C), right (B*num_in, C)."""
+        """d[b, r, p] = <left[b, r], right[b, index[r, p]]>: (B, num_out * taps); left (B, num_out, C), right (B, num_in, C)."""
         pattern = self._csr(left.new_zeros(self.col.shape[0]), transpose=False)
-        sampled = torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0).values()
-        return sampled.index_select(0, self.slot)
+        return torch.stack([
+            torch.sparse.sampled_addmm(pattern, image_left, image_right.t(), beta=0.0).values().index_select(0, self.slot)
+            for image_left, image_right in zip(left, right)
+        ])
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -138,8 +140,7 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _window_matrix(batch: int, height: int, width: int, radius: int, padded: bool,
-                   device: torch.device) -> _TapMatrix:
+def _window_matrix(height: int, width: int, radius: int, padded: bool, device: torch.device) -> _TapMatrix:
     """Tap p = i*(2r+1) + j of pixel (y, x) reads (y+i-r, x+j-r), reflected at the borders; or,
     when `padded`, pixel (y+i, x+j) of an input already padded by r on every side."""
     offsets = torch.arange(-radius, radius + 1, device=device)
@@ -151,7 +152,7 @@ def _window_matrix(batch: int, height: int, width: int, radius: int, padded: boo
     else:
         rows, cols, in_width, num_in = _reflect(rows, height), _reflect(cols, width), width, height * width
     index = rows[:, None, :, None] * in_width + cols[None, :, None, :]  # (H, W, 2r+1, 2r+1)
-    return _TapMatrix(index.reshape(height * width, -1), num_in, batch)
+    return _TapMatrix(index.reshape(height * width, -1), num_in)
 
 
 def _cubic_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,15 +170,15 @@ def _cubic_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torc
 
 
 @functools.lru_cache(maxsize=8)
-def _bicubic_matrix(batch: int, in_size: tuple[int, int], out_size: tuple[int, int],
+def _bicubic_matrix(in_size: tuple[int, int], out_size: tuple[int, int],
                     device: torch.device) -> tuple[_TapMatrix, torch.Tensor]:
     """Bicubic resize from in_size to out_size as a tap matrix and its (float64) values."""
     rows, row_weights = _cubic_taps(in_size[0], out_size[0], device)
     cols, col_weights = _cubic_taps(in_size[1], out_size[1], device)
     index = rows[:, None, :, None] * in_size[1] + cols[None, :, None, :]  # (out_h, out_w, 4, 4)
     weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
-    matrix = _TapMatrix(index.reshape(out_size[0] * out_size[1], 16), in_size[0] * in_size[1], batch)
-    return matrix, matrix.merge(weights.expand(batch, *weights.shape))
+    matrix = _TapMatrix(index.reshape(out_size[0] * out_size[1], 16), in_size[0] * in_size[1])
+    return matrix, matrix.merge(weights[None])[0]
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -197,16 +198,16 @@ class _WindowDot(torch.autograd.Function):
         ctx.dtype = keys.dtype
         keys = keys.to(_compute_dtype(keys)).contiguous()
         batch, height, width, channels = keys.shape
-        ctx.matrix = _window_matrix(batch, height, width, radius, False, keys.device)
+        ctx.matrix = _window_matrix(height, width, radius, False, keys.device)
         ctx.save_for_backward(keys)
-        flat = keys.view(-1, channels)
+        flat = keys.view(batch, -1, channels)
         return ctx.matrix.sampled_dot(flat, flat).view(batch, height, width, -1).to(ctx.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (keys,) = ctx.saved_tensors
-        flat = keys.view(-1, keys.shape[-1])
+        flat = keys.view(keys.shape[0], -1, keys.shape[-1])
         values = ctx.matrix.merge(grad.to(keys.dtype))
         # keys appear on both sides of the dot product: as centres and as window pixels
         grad_keys = ctx.matrix.matmul(values, flat) + ctx.matrix.matmul(values, flat, transpose=True)
@@ -228,25 +229,25 @@ class _AdaptiveConv(torch.autograd.Function):
         source, kernel = source.to(dtype), kernel.to(dtype).contiguous()
         batch, height, width, _ = kernel.shape
         device = kernel.device
-        ctx.window = _window_matrix(batch, height, width, radius, not resize, device)
-        ctx.resize = _bicubic_matrix(batch, tuple(source.shape[-2:]), (height, width), device) if resize else None
+        ctx.window = _window_matrix(height, width, radius, not resize, device)
+        ctx.resize = _bicubic_matrix(tuple(source.shape[-2:]), (height, width), device) if resize else None
         ctx.save_for_backward(source, kernel)
         out = ctx.window.matmul(ctx.window.merge(kernel), _AdaptiveConv._input_map(ctx.resize, source))
         return out.view(batch, height, width, -1).to(ctx.dtypes[0])
 
     @staticmethod
     def _input_map(resize: Optional[tuple[_TapMatrix, torch.Tensor]], source: torch.Tensor) -> torch.Tensor:
-        flat = _channels_last(source).reshape(-1, source.shape[1])
+        flat = _channels_last(source).reshape(source.shape[0], -1, source.shape[1])
         if resize is None:
             return flat
         matrix, values = resize
-        return matrix.matmul(values.to(flat.dtype), flat)
+        return matrix.matmul(values.to(flat.dtype).expand(flat.shape[0], -1), flat)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         source, kernel = ctx.saved_tensors
-        grad = grad.to(kernel.dtype).reshape(-1, grad.shape[-1])
+        grad = grad.to(kernel.dtype).reshape(grad.shape[0], -1, grad.shape[-1])
         grad_source = grad_kernel = None
         if ctx.needs_input_grad[1]:
             input_map = _AdaptiveConv._input_map(ctx.resize, source)
@@ -256,7 +257,7 @@ class _AdaptiveConv(torch.autograd.Function):
             grad_input = ctx.window.matmul(ctx.window.merge(kernel), grad, transpose=True)
             if ctx.resize is not None:
                 matrix, values = ctx.resize
-                grad_input = matrix.matmul(values.to(grad.dtype), grad_input, transpose=True)
+                grad_input = matrix.matmul(values.to(grad.dtype).expand(grad.shape[0], -1), grad_input, transpose=True)
             batch, channels, height, width = source.shape
             grad_source = grad_input.view(batch, height, width, channels).permute(0, 3, 1, 2).to(ctx.dtypes[0])
         return grad_source, grad_kernel, None, None
@@ -335,10 +336,15 @@ class JBUStack(nn.Module):
             height, width = source.shape[-2:]
             source = stage(source, F.adaptive_avg_pool2d(guidance, (2 * height, 2 * width)))
         dropout, conv = self.fixup_proj
-        # the 1x1 convolution as a matmul over channels-last pixels: with frozen weights it keeps
-        # no copy of its (largest) input for backward
-        fixup = F.linear(_channels_last(dropout(source)), conv.weight.flatten(1), conv.bias)
-        return torch.add(source, fixup.permute(0, 3, 1, 2), alpha=0.1)
+        weight, bias = conv.weight.flatten(1), conv.bias
+        # 1x1 convolutions as matmuls over channels-last pixels (with frozen weights they keep no
+        # copy of their input for backward)
+        if self.training:  # Dropout2d is active and applies to the fixup branch only
+            fixup = F.linear(_channels_last(dropout(source)), weight, bias)
+            return fixup.mul_(0.1).add_(_channels_last(source)).permute(0, 3, 1, 2)
+        # source + 0.1 * conv(source) as a single matmul: (I + 0.1 W) x + 0.1 b
+        identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return F.linear(_channels_last(source), identity + 0.1 * weight, 0.1 * bias).permute(0, 3, 1, 2)
 
 
 def _key_list(keys: list[str], limit: int = 10) -> str:
