@@ -54,7 +54,7 @@ class MEt3RCallback(PipelineCallback):
             (B,) and optionally `.pair_scores` (B, n_pairs) -- an `MEt3R` -- or a tensor of per-sample scores.
             It must be differentiable with respect to the views when `guidance_scale > 0`.
         every_n_steps: score when `step_index % every_n_steps == 0` inside the scoring window; the final step is
-            always scored.
+            always scored (whatever the window).
         num_views: views per sample (see `ViewLayout`); `None` = all batch entries / frames / tiles.
         layout: `"batch"`, `"frames"`, `"frames:bcfhw"`, `"grid:RxC"` or a `ViewLayout`.
         pairs: which view pairs to score, passed to the metric (`"adjacent"`, `"all"`, `"reference"`, list).
@@ -187,8 +187,8 @@ class MEt3RCallback(PipelineCallback):
         is_final = step_index >= num_steps - 1
         record, self._record = self._record, None
 
-        score_now = self._in_window(step_index, num_steps, self.window) and (
-            step_index % self.every_n_steps == 0 or is_final
+        score_now = is_final or (
+            self._in_window(step_index, num_steps, self.window) and step_index % self.every_n_steps == 0
         )
         guide_now = self.guidance_scale > 0 and self._in_window(step_index, num_steps, self.guidance_window)
         try:

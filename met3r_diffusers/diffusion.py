@@ -39,7 +39,7 @@ def is_flow_matching(scheduler) -> bool:
     config = scheduler.config
     if config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas", False):
         return True
-    return type(scheduler).__name__.startswith("FlowMatch")
+    return any(cls.__name__.startswith("FlowMatch") for cls in type(scheduler).__mro__)
 
 
 def _is_sigma_space(scheduler) -> bool:

@@ -1,0 +1,340 @@
+"""MEt3RCallback on tiny randomly initialised diffusers pipelines (CPU, no network).
+
+The components are built from configs the way diffusers' own tests build them. The CLIP tokenizer is built offline
+from a byte-level vocabulary written to tmp_path (every byte character, with and without the end-of-word marker,
+plus the two special tokens, and no merges), so no tokenizer download is needed.
+"""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from met3r_diffusers.callbacks import MEt3RCallback  # noqa: E402
+from met3r_diffusers.diffusion import decode_latents  # noqa: E402
+from met3r_diffusers.views import resolve_pairs  # noqa: E402
+
+PROMPT = "a chair"
+
+
+# ----------------------------------------------------------------------------- tiny components
+
+
+def tiny_clip_tokenizer(directory) -> CLIPTokenizer:
+    """A CLIP tokenizer over single byte characters, written to `directory` (no download)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [256 + n for n in range(256 - len(printable))]
+    chars = [chr(c) for c in printable + extra]  # GPT-2's byte -> unicode alphabet
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    merges_file.write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+
+
+def tiny_sd_components(directory, scheduler=None) -> dict:
+    """Tiny StableDiffusionPipeline components (32x32 images, 16x16 latents)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=514,
+            max_position_embeddings=16,
+        )
+    )
+    return {
+        "unet": unet,
+        "vae": tiny_vae(),
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_clip_tokenizer(directory),
+        "scheduler": scheduler or DDIMScheduler(clip_sample=False),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+class _FlowMatchForUNet(FlowMatchEulerDiscreteScheduler):
+    """FlowMatchEuler with the `init_noise_sigma` and identity `scale_model_input` that StableDiffusionPipeline uses."""
+
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+
+SCHEDULERS = {
+    "ddim": lambda: DDIMScheduler(clip_sample=False),
+    "euler": lambda: EulerDiscreteScheduler(),
+    "dpm_multistep": lambda: DPMSolverMultistepScheduler(),
+    "flow_match": lambda: _FlowMatchForUNet(shift=3.0),
+}
+
+
+@pytest.fixture()
+def sd_pipe(tmp_path):
+    pipe = StableDiffusionPipeline(**tiny_sd_components(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class FeatureConsistency(torch.nn.Module):
+    """Stand-in consistency metric: 1 - cosine of fixed random conv features of the two views, per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.requires_grad_(False)
+
+    def forward(self, views: torch.Tensor, pairs="adjacent") -> SimpleNamespace:
+        batch, num_views = views.shape[:2]
+        feats = self.features(views.flatten(0, 1)).unflatten(0, (batch, num_views))
+        pair_list = resolve_pairs(pairs, num_views)
+        pair_scores = torch.stack(
+            [(1 - F.cosine_similarity(feats[:, i], feats[:, j], dim=1)).mean((-2, -1)) for i, j in pair_list], 1
+        )
+        return SimpleNamespace(score=pair_scores.mean(1), pair_scores=pair_scores)
+
+
+def _run(pipe, callback=None, steps=6, views=4, seed=0, **kwargs):
+    extra = {}
+    if callback is not None:
+        extra = {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": callback.tensor_inputs}
+    return pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        num_images_per_prompt=views,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        **extra,
+        **kwargs,
+    ).images
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_scores_at_requested_steps_batch_layout(sd_pipe):
+    metric = FeatureConsistency()
+    callback = MEt3RCallback(metric, every_n_steps=2, num_views=2)
+    with callback.attach(sd_pipe):
+        latents = _run(sd_pipe, callback, steps=6, views=4)
+    assert [entry["step"] for entry in callback.history] == [0, 2, 4, 5]
+    assert [entry["timestep"] for entry in callback.history] == sd_pipe.scheduler.timesteps[[0, 2, 4, 5]].tolist()
+    for entry in callback.history:
+        assert entry["scores"].shape == (2,) and entry["pair_scores"].shape == (2, 1)
+        assert entry["pairs"] == [(0, 1)]
+    # DDIM's last step lands on its x0 estimate, so the final score is the score of the output
+    with torch.no_grad():
+        images = decode_latents(sd_pipe.vae, latents).unflatten(0, (2, 2))
+        expected = metric(images).score
+    torch.testing.assert_close(callback.history[-1]["scores"], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(callback.history[0]["scores"], callback.history[-1]["scores"])
+    assert "step" not in sd_pipe.scheduler.__dict__
+
+
+def test_window_and_final_step(sd_pipe):
+    callback = MEt3RCallback(FeatureConsistency(), start=0.5, num_views=2)
+    with callback.attach(sd_pipe):
+        _run(sd_pipe, callback, steps=6)
+    assert [entry["step"] for entry in callback.history] == [3, 4, 5]
+    callback = MEt3RCallback(FeatureConsistency(), every_n_steps=2, stop=0.5, num_views=2)
+    with callback.attach(sd_pipe):
+        _run(sd_pipe, callback, steps=6)
+    assert [entry["step"] for entry in callback.history] == [0, 2, 5]  # the final step is always scored
+
+
+def test_unattached_callback_misses_step_zero_and_warns(sd_pipe):
+    callback = MEt3RCallback(FeatureConsistency(), every_n_steps=2, num_views=4)
+    with pytest.warns(UserWarning, match="attach"):
+        _run(sd_pipe, callback, steps=5)
+    assert [entry["step"] for entry in callback.history] == [2, 4]
+    assert "step" not in sd_pipe.scheduler.__dict__  # removed after the final step
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_wrapper_is_transparent_and_removed(tmp_path, name):
+    pipe = StableDiffusionPipeline(**tiny_sd_components(tmp_path, SCHEDULERS[name]()))
+    pipe.set_progress_bar_config(disable=True)
+    reference = _run(pipe, steps=4, views=2)
+    callback = MEt3RCallback(FeatureConsistency(), num_views=2)
+    with callback.attach(pipe):
+        assert "step" in pipe.scheduler.__dict__
+        latents = _run(pipe, callback, steps=4, views=2)
+    assert torch.equal(latents, reference)  # guidance_scale=0: bit-identical
+    assert [entry["step"] for entry in callback.history] == [0, 1, 2, 3]
+    assert all(torch.isfinite(entry["scores"]).all() for entry in callback.history)
+    assert "step" not in pipe.scheduler.__dict__
+    callback.close()  # idempotent
+    assert torch.equal(_run(pipe, steps=4, views=2), reference)
+
+
+def test_removed_when_pipeline_raises_and_inside_multi_callbacks(sd_pipe):
+    callback = MEt3RCallback(FeatureConsistency(), num_views=4)
+    multi = MultiPipelineCallbacks([callback, _Raiser()])
+    with pytest.raises(RuntimeError, match="boom"):
+        with callback.attach(sd_pipe):
+            _run(sd_pipe, multi, steps=5)
+    assert "step" not in sd_pipe.scheduler.__dict__
+    assert [entry["step"] for entry in callback.history] == [0, 1, 2]
+
+
+class _Raiser:
+    tensor_inputs = ["latents"]
+
+    def __call__(self, pipeline, step_index, timestep, callback_kwargs):
+        if step_index == 2:
+            raise RuntimeError("boom")
+        return callback_kwargs
+
+
+def test_grid_layout(sd_pipe):
+    callback = MEt3RCallback(FeatureConsistency(), layout="grid:1x2", pairs="all", every_n_steps=3)
+    with callback.attach(sd_pipe):
+        latents = sd_pipe(
+            PROMPT, num_inference_steps=5, height=32, width=64, guidance_scale=1.0, num_images_per_prompt=2,
+            generator=torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+        ).images
+    assert [entry["step"] for entry in callback.history] == [0, 3, 4]
+    assert callback.history[-1]["scores"].shape == (2,)
+    with torch.no_grad():
+        image = decode_latents(sd_pipe.vae, latents)  # (2, 3, 32, 64): left and right tile
+        expected = FeatureConsistency()(torch.stack([image[..., :32], image[..., 32:]], 1)).score
+    torch.testing.assert_close(callback.history[-1]["scores"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_size_and_decode_fn(sd_pipe):
+    seen = []
+
+    def decode_fn(latents):
+        seen.append(tuple(latents.shape))
+        return decode_latents(sd_pipe.vae, latents, size=16)
+
+    shapes = []
+    metric = FeatureConsistency()
+
+    def recording_metric(views, pairs):
+        shapes.append(tuple(views.shape))
+        return metric(views, pairs)
+
+    callback = MEt3RCallback(recording_metric, num_views=2, decode_fn=decode_fn, every_n_steps=10)
+    with callback.attach(sd_pipe):
+        _run(sd_pipe, callback, steps=3, views=4)
+    assert seen == [(4, 4, 16, 16)] * 2 and shapes == [(2, 2, 3, 16, 16)] * 2
+    shapes.clear()
+    callback = MEt3RCallback(recording_metric, num_views=2, decode_size=(16, 24), every_n_steps=10)
+    with callback.attach(sd_pipe):
+        _run(sd_pipe, callback, steps=3, views=4)
+    assert shapes == [(2, 2, 3, 16, 24)] * 2
+
+
+def test_history_rows_and_plot(sd_pipe):
+    callback = MEt3RCallback(FeatureConsistency(), num_views=3, pairs="all", every_n_steps=2)
+    with callback.attach(sd_pipe):
+        _run(sd_pipe, callback, steps=3, views=3)
+    rows = callback.history_rows()
+    assert [(row["step"], row["sample"]) for row in rows] == [(0, 0), (2, 0)]
+    assert set(rows[0]) == {"step", "timestep", "sample", "score", "pair_0_1", "pair_0_2", "pair_1_2"}
+    assert rows[1]["score"] == pytest.approx(callback.history[1]["scores"][0].item())
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    ax = callback.plot_history()
+    assert ax.lines[0].get_xdata().tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"start": 0.6, "stop": 0.5}, "start"),
+        ({"guidance_start": -0.1}, "guidance_start"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"decode_size": (0, 8)}, "decode_size"),
+        ({"layout": "tiles"}, "layout"),
+        ({"num_views": 1}, "num_views"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MEt3RCallback(FeatureConsistency(), **kwargs)
+    with pytest.raises(ValueError, match="metric"):
+        MEt3RCallback("met3r")
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def _final_score(pipe, latents, views_per_sample):
+    with torch.no_grad():
+        images = decode_latents(pipe.vae, latents)
+        return FeatureConsistency()(images.unflatten(0, (-1, views_per_sample))).score
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm_multistep"])
+def test_guidance_lowers_the_final_score(tmp_path, name):
+    pipe = StableDiffusionPipeline(**tiny_sd_components(tmp_path, SCHEDULERS[name]()))
+    pipe.set_progress_bar_config(disable=True)
+    plain = _final_score(pipe, _run(pipe, steps=8, views=4), 2)
+    callback = MEt3RCallback(FeatureConsistency(), num_views=2, guidance_scale=0.3, every_n_steps=4)
+    with callback.attach(pipe):
+        guided_latents = _run(pipe, callback, steps=8, views=4)
+    guided = _final_score(pipe, guided_latents, 2)
+    assert torch.isfinite(guided_latents).all()
+    assert (guided < plain - 0.02).all(), (plain, guided)
+    # the history shows the score falling during guided sampling
+    assert (callback.history[-1]["scores"] < callback.history[0]["scores"]).all()
