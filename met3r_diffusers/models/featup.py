@@ -21,7 +21,7 @@ import pickle
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -236,7 +236,7 @@ class _AdaptiveConv(torch.autograd.Function):
         return out.view(batch, height, width, -1).to(ctx.dtypes[0])
 
     @staticmethod
-    def _input_map(resize: Optional[tuple[_TapMatrix, torch.Tensor]], source: torch.Tensor) -> torch.Tensor:
+    def _input_map(resize: tuple[_TapMatrix, torch.Tensor] | None, source: torch.Tensor) -> torch.Tensor:
         flat = _channels_last(source).reshape(source.shape[0], -1, source.shape[1])
         if resize is None:
             return flat
@@ -351,7 +351,7 @@ def _key_list(keys: list[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _read_checkpoint(path_or_url: PathOrUrl, cache_dir: Optional[PathOrUrl], what: str) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path_or_url: PathOrUrl, cache_dir: PathOrUrl | None, what: str) -> dict[str, torch.Tensor]:
     """State dict from a local file (.ckpt / .pth / .safetensors) or a URL (downloaded once by torch.hub)."""
     location = os.fspath(path_or_url)
     try:
@@ -405,7 +405,7 @@ class DinoFeatUp(nn.Module):
         if upsampler not in UPSAMPLERS:
             raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
         if not isinstance(use_norm, bool):
-            raise ValueError(f"use_norm must be a bool, got {use_norm!r}")
+            raise TypeError(f"use_norm must be a bool, got {use_norm!r}")
         self.feature_backbone, self.use_norm, self.upsampler_type = feature_backbone, use_norm, upsampler
         featurizer = DinoFeaturizer()
         self.dim = featurizer.dim
@@ -461,9 +461,9 @@ class DinoFeatUp(nn.Module):
         return super().load_state_dict(keep, strict=strict, assign=assign)
 
     @classmethod
-    def from_pretrained(cls, path_or_url: Optional[PathOrUrl] = None, cache_dir: Optional[PathOrUrl] = None, *,
+    def from_pretrained(cls, path_or_url: PathOrUrl | None = None, cache_dir: PathOrUrl | None = None, *,
                         use_norm: bool = True, upsampler: str = "featup",
-                        dino_path_or_url: Optional[PathOrUrl] = None) -> "DinoFeatUp":
+                        dino_path_or_url: PathOrUrl | None = None) -> DinoFeatUp:
         """Model with the official FeatUp `dino16` weights (downloaded once), in eval mode.
 
         Args:
