@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from diffusers.callbacks import PipelineCallback
 
-from .diffusion import _x0_coefficient, decode_latents, predict_x0
+from .diffusion import _is_sigma_space, _sample_coefficients, decode_latents, predict_x0
 from .views import PairSpec, ViewLayout, resolve_pairs
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -331,9 +331,10 @@ def _latent_channels(pipeline) -> Optional[int]:
 
 def _next_x0_coefficient(pipeline, step_index: int, num_steps: int) -> float:
     """Coefficient of x0 in the latents after this step (their timestep is the loop's next one; 1 after the last)."""
-    timesteps = getattr(pipeline.scheduler, "timesteps", None)
-    if step_index + 1 >= num_steps or timesteps is None:
+    scheduler = pipeline.scheduler
+    timesteps = getattr(scheduler, "timesteps", None)
+    if step_index + 1 >= num_steps or timesteps is None or _is_sigma_space(scheduler):
         return 1.0
     # The loop runs over the last `num_steps` scheduler timesteps (img2img-style pipelines skip the first ones).
     offset = len(timesteps) - num_steps
-    return float(_x0_coefficient(pipeline.scheduler, timesteps[offset + step_index + 1])[0])
+    return float(_sample_coefficients(scheduler, timesteps[offset + step_index + 1])[0][0])

@@ -119,14 +119,16 @@ def predict_x0(model_output: torch.Tensor, sample: torch.Tensor, timesteps: Time
     return alpha * sample - sigma * model_output  # v_prediction
 
 
-def _x0_coefficient(scheduler, timesteps: Timesteps) -> torch.Tensor:
-    """Coefficient of x0 in a sample at `timesteps` (float64, one per timestep): how a change of x0 shows up."""
+def _sample_coefficients(scheduler, timesteps: Timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) with `sample = alpha * x0 + sigma * eps` in the scheduler's sampling space (float64, (T,))."""
     t = _as_tensor(timesteps)
     if is_flow_matching(scheduler):
-        return 1 - t / scheduler.config.num_train_timesteps
+        sigma = t / scheduler.config.num_train_timesteps
+        return 1 - sigma, sigma
+    alpha, sigma = _vp_alpha_sigma(scheduler.alphas_cumprod, t)
     if _is_sigma_space(scheduler):
-        return torch.ones_like(t)
-    return _vp_alpha_sigma(scheduler.alphas_cumprod, t)[0]
+        return torch.ones_like(alpha), sigma / alpha
+    return alpha, sigma
 
 
 def _vae_scale_factor(vae) -> int:

@@ -241,6 +241,76 @@ class _Raiser:
         return callback_kwargs
 
 
+def tiny_svd_pipeline():
+    """Tiny StableVideoDiffusionPipeline (32x32 frames, (B, F, 4, 16, 16) latents) with SVD's Euler settings."""
+    from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=16,
+        num_attention_heads=(2, 4),
+        projection_class_embeddings_input_dim=48,
+        addition_time_embed_dim=16,
+    )
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        latent_channels=4,
+        layers_per_block=1,
+    )
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16, projection_dim=16, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+            intermediate_size=16, patch_size=32,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+        sigma_max=700.0, sigma_min=0.002, steps_offset=1, timestep_spacing="leading", timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_frames_layout_on_stable_video_diffusion():
+    from PIL import Image
+
+    pipe = tiny_svd_pipeline()
+    metric = FeatureConsistency()
+    callback = MEt3RCallback(metric, layout="frames", pairs="reference", every_n_steps=2)
+    with callback.attach(pipe):
+        # SVD does not read callback.tensor_inputs: pass callback_on_step_end_tensor_inputs explicitly
+        latents = pipe(
+            Image.new("RGB", (32, 32), (120, 30, 200)), height=32, width=32, num_frames=3, num_inference_steps=5,
+            decode_chunk_size=3, generator=torch.Generator().manual_seed(0), output_type="latent",
+            callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+        ).frames
+    assert latents.shape == (1, 3, 4, 16, 16)
+    assert [entry["step"] for entry in callback.history] == [0, 2, 4]
+    assert callback.history[0]["pair_scores"].shape == (1, 2) and callback.history[0]["pairs"] == [(0, 1), (0, 2)]
+    # Euler's last step lands on its x0 estimate: the final score is the score of the output frames
+    with torch.no_grad():
+        frames = decode_latents(pipe.vae, latents[0], num_frames=3)
+        expected = metric(frames[None], pairs="reference").score
+    torch.testing.assert_close(callback.history[-1]["scores"], expected, atol=1e-5, rtol=1e-5)
+    assert "step" not in pipe.scheduler.__dict__
+
+
 def test_grid_layout(sd_pipe):
     callback = MEt3RCallback(FeatureConsistency(), layout="grid:1x2", pairs="all", every_n_steps=3)
     with callback.attach(sd_pipe):
