@@ -36,11 +36,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from met3r_diffusers.callbacks import MEt3RCallback  # noqa: E402
-from met3r_diffusers.views import resolve_pairs  # noqa: E402
+from met3r_diffusers.callbacks import MEt3RCallback
+from met3r_diffusers.views import resolve_pairs
 
 SIZES = {
     "small": {

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import torch
 from diffusers.callbacks import PipelineCallback
+from typing_extensions import Self
 
 from .diffusion import _is_sigma_space, _sample_coefficients, decode_latents, predict_x0
 from .views import PairSpec, ViewLayout, resolve_pairs
@@ -65,38 +66,42 @@ class MEt3RCallback(PipelineCallback):
             before decoding, which bounds the decoder's cost. `None` = the VAE's native size.
         decode_fn: `decode_fn(latents) -> images (N, 3, H, W) in [-1, 1]` replacing the pipeline's VAE; it gets
             the layout's latents to decode (`(N, C, h, w)`; packed latents unchanged with the batch / grid layouts)
-            and must return the decoded images in order. Use it for custom latent scalings (Zero123++) or packed latents (Flux, LTX).
+            and must return the decoded images in order. Use it for custom latent scalings (Zero123++) or packed
+            latents (Flux, LTX).
         normalize_grad: divide each sample's gradient by its RMS before stepping (the step size is then exactly
             `guidance_scale`); otherwise the raw gradient is used.
         max_grad_norm: optional cap on the RMS of each sample's step direction (after normalisation, if any).
     """
 
-    tensor_inputs = ["latents"]
+    @property
+    def tensor_inputs(self) -> list[str]:
+        """The callback tensors it reads and edits: `["latents"]`."""
+        return ["latents"]
 
     def __init__(
         self,
         metric: Callable[..., Any],
         every_n_steps: int = 1,
-        num_views: Optional[int] = None,
-        layout: Union[str, ViewLayout] = "batch",
+        num_views: int | None = None,
+        layout: str | ViewLayout = "batch",
         pairs: PairSpec = "adjacent",
         start: float = 0.0,
         stop: float = 1.0,
         guidance_scale: float = 0.0,
         guidance_start: float = 0.0,
         guidance_stop: float = 1.0,
-        decode_size: Optional[Union[int, tuple[int, int]]] = None,
-        decode_fn: Optional[DecodeFn] = None,
+        decode_size: int | tuple[int, int] | None = None,
+        decode_fn: DecodeFn | None = None,
         normalize_grad: bool = True,
-        max_grad_norm: Optional[float] = None,
+        max_grad_norm: float | None = None,
     ):
         super().__init__()
         if not callable(metric):
-            raise ValueError(f"metric must be callable, got {type(metric).__name__}")
+            raise TypeError(f"metric must be callable, got {type(metric).__name__}")
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
-        for name, (low, high) in {"start/stop": (start, stop), "guidance_start/guidance_stop": (guidance_start,
-                                                                                                 guidance_stop)}.items():
+        windows = {"start/stop": (start, stop), "guidance_start/guidance_stop": (guidance_start, guidance_stop)}
+        for name, (low, high) in windows.items():
             if not 0.0 <= low <= high <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 <= start <= stop <= 1, got ({low}, {high})")
         if guidance_scale < 0:
@@ -121,12 +126,12 @@ class MEt3RCallback(PipelineCallback):
         self.max_grad_norm = max_grad_norm
         self.history: list[dict[str, Any]] = []
         self._scheduler = None
-        self._record: Optional[tuple[torch.Tensor, Any]] = None
+        self._record: tuple[torch.Tensor, Any] | None = None
         self._warned_missing = False
 
     # ------------------------------------------------------------------ scheduler wrapper
 
-    def attach(self, pipeline) -> "MEt3RCallback":
+    def attach(self, pipeline) -> MEt3RCallback:
         """Wrap `pipeline.scheduler.step` now (so that step 0 can be scored); use as `with callback.attach(pipe):`."""
         scheduler = pipeline.scheduler
         if self._scheduler is scheduler:
@@ -159,7 +164,7 @@ class MEt3RCallback(PipelineCallback):
         self._scheduler = None
         self._record = None
 
-    def __enter__(self) -> "MEt3RCallback":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -238,7 +243,7 @@ class MEt3RCallback(PipelineCallback):
         views = self.layout.to_views(images, batch_size)
         return self.metric(views, pairs=self.pairs), resolve_pairs(self.pairs, views.shape[1])
 
-    def _image_size(self) -> Optional[tuple[int, int]]:
+    def _image_size(self) -> tuple[int, int] | None:
         if self.decode_size is None or self.layout.kind != "grid":
             return self.decode_size
         rows, cols = self.layout.grid
@@ -299,7 +304,7 @@ def _scores(output: Any) -> torch.Tensor:
     """Per-sample scores (B,) from a metric output or a plain tensor."""
     scores = output.score if hasattr(output, "score") else output
     if not isinstance(scores, torch.Tensor):
-        raise ValueError(f"metric must return an object with .score or a tensor, got {type(output).__name__}")
+        raise TypeError(f"metric must return an object with .score or a tensor, got {type(output).__name__}")
     return scores.reshape(-1)
 
 
@@ -324,7 +329,7 @@ def _num_steps(pipeline) -> int:
         return len(pipeline.scheduler.timesteps)
 
 
-def _latent_channels(pipeline) -> Optional[int]:
+def _latent_channels(pipeline) -> int | None:
     vae = getattr(pipeline, "vae", None)
     return None if vae is None else vae.config.get("latent_channels")
 

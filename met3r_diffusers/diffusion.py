@@ -19,12 +19,14 @@ the neighbouring integer timesteps, exactly as Euler's `interpolation_type="line
 exponential / beta sigma schedules invert their timesteps in log space, so there the estimate differs
 slightly from the scheduler's own `pred_original_sample` (the callback uses the scheduler's own value
 whenever `step` returns one). Schedulers that round their timesteps to integers (DPM-Solver with flow or
-Karras sigmas) are matched to within that rounding. EDM-preconditioned schedulers (`sigma_data` in the config) are rejected.
+Karras sigmas) are matched to within that rounding. EDM-preconditioned schedulers (`sigma_data` in the config)
+are rejected.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +144,8 @@ def _vae_scale_factor(vae) -> int:
 def decode_latents(
     vae,
     latents: torch.Tensor,
-    size: Optional[Union[int, Sequence[int]]] = None,
-    num_frames: Optional[int] = None,
+    size: int | Sequence[int] | None = None,
+    num_frames: int | None = None,
     clamp: bool = True,
 ) -> torch.Tensor:
     """Decode (N, C, h, w) latents with a diffusers VAE into (N, 3, H, W) images in [-1, 1].

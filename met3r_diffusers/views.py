@@ -1,8 +1,9 @@
 """View layouts (how diffusers pipelines arrange views) and pair selection."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Union
 
 import torch
 
@@ -66,9 +67,9 @@ class ViewLayout:
     """
 
     kind: str = "batch"
-    num_views: Optional[int] = None
-    frame_dim: Optional[int] = None
-    grid: Optional[tuple[int, int]] = None
+    num_views: int | None = None
+    frame_dim: int | None = None
+    grid: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.kind not in LAYOUT_KINDS:
@@ -84,14 +85,14 @@ class ViewLayout:
                 raise ValueError(f"num_views={self.num_views} exceeds the {self.grid[0]}x{self.grid[1]} grid")
 
     @classmethod
-    def parse(cls, layout: Union[str, "ViewLayout"], num_views: Optional[int] = None) -> "ViewLayout":
+    def parse(cls, layout: str | ViewLayout, num_views: int | None = None) -> ViewLayout:
         """Build a layout from a string shortcut (or return a given layout, with `num_views` filled in)."""
         if isinstance(layout, ViewLayout):
             if num_views is None or layout.num_views == num_views:
                 return layout
             return cls(layout.kind, num_views, layout.frame_dim, layout.grid)
         if not isinstance(layout, str):
-            raise ValueError(f"layout must be a string or a ViewLayout, got {type(layout).__name__}")
+            raise TypeError(f"layout must be a string or a ViewLayout, got {type(layout).__name__}")
         kind, _, option = layout.partition(":")
         if kind == "frames" and option:
             dims = {"bfchw": 1, "bcfhw": 2}
@@ -107,7 +108,7 @@ class ViewLayout:
             raise ValueError(f"layout {layout!r} takes no option")
         return cls(kind, num_views)
 
-    def _frame_dim(self, latents: torch.Tensor, latent_channels: Optional[int]) -> int:
+    def _frame_dim(self, latents: torch.Tensor, latent_channels: int | None) -> int:
         if self.frame_dim is not None:
             return self.frame_dim
         if latent_channels is not None:
@@ -123,7 +124,7 @@ class ViewLayout:
             raise ValueError(f"num_views={self.num_views} exceeds the {num_frames} frames of the latents")
         return torch.linspace(0, num_frames - 1, self.num_views).round().long()
 
-    def to_decode(self, latents: torch.Tensor, latent_channels: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    def to_decode(self, latents: torch.Tensor, latent_channels: int | None = None) -> tuple[torch.Tensor, int]:
         """Latents to decode, (N, C, h, w), and the number of samples B (differentiable reshapes only)."""
         if self.kind == "frames":
             if latents.ndim != 5:

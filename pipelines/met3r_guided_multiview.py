@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -53,7 +53,7 @@ from met3r_diffusers.views import resolve_pairs
 class MEt3RMultiViewPipelineOutput(BaseOutput):
     """Generated views (`B * num_views`, each sample's views consecutive) and MEt3R scores at the guided steps."""
 
-    images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     met3r_scores: list[dict[str, Any]]
 
 
@@ -61,8 +61,8 @@ class MEt3RGuidedMultiViewPipeline(DiffusionPipeline):
     """Text-to-multi-view sampling with exact MEt3R classifier guidance (views = consecutive batch entries)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = []
-    _callback_tensor_inputs = ["latents"]
+    _optional_components: ClassVar[list[str]] = []
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
         self,
@@ -146,34 +146,34 @@ class MEt3RGuidedMultiViewPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: Union[str, list[str], None] = None,
+        prompt: str | list[str] | None = None,
         num_views: int = 4,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        negative_prompt: Union[str, list[str], None] = None,
+        negative_prompt: str | list[str] | None = None,
         num_samples_per_prompt: int = 1,
         eta: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-        latents: Optional[torch.Tensor] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        metric: Optional[Callable[..., Any]] = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        metric: Callable[..., Any] | None = None,
         met3r_guidance_scale: float = 0.0,
-        met3r_pairs: Union[str, list] = "adjacent",
+        met3r_pairs: str | list = "adjacent",
         met3r_guidance_start: float = 0.0,
         met3r_guidance_stop: float = 1.0,
         met3r_every_n_steps: int = 1,
-        met3r_decode_size: Optional[Union[int, tuple[int, int]]] = None,
-        met3r_max_grad_norm: Optional[float] = None,
+        met3r_decode_size: int | tuple[int, int] | None = None,
+        met3r_max_grad_norm: float | None = None,
         gradient_checkpointing: bool = False,
-        cross_attention_kwargs: Optional[dict[str, Any]] = None,
-        unet_kwargs: Optional[dict[str, Any]] = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        unet_kwargs: dict[str, Any] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Optional[list[str]] = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Sample `num_views` views per sample, guided towards 3D consistency by MEt3R's gradient.
 

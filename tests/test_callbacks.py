@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers import (  # noqa: E402
+from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -24,12 +25,12 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.callbacks import MultiPipelineCallbacks  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers.callbacks import MultiPipelineCallbacks
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from met3r_diffusers.callbacks import MEt3RCallback  # noqa: E402
-from met3r_diffusers.diffusion import decode_latents  # noqa: E402
-from met3r_diffusers.views import resolve_pairs  # noqa: E402
+from met3r_diffusers.callbacks import MEt3RCallback
+from met3r_diffusers.diffusion import decode_latents
+from met3r_diffusers.views import resolve_pairs
 
 PROMPT = "a chair"
 
@@ -104,7 +105,7 @@ def tiny_sd_components(directory, scheduler=None) -> dict:
 
 
 class _FlowMatchForUNet(FlowMatchEulerDiscreteScheduler):
-    """FlowMatchEuler with the `init_noise_sigma` and identity `scale_model_input` that StableDiffusionPipeline uses."""
+    """FlowMatchEuler plus the `init_noise_sigma` and identity `scale_model_input` StableDiffusionPipeline uses."""
 
     init_noise_sigma = 1.0
 
@@ -225,15 +226,14 @@ def test_wrapper_is_transparent_and_removed(tmp_path, name):
 def test_removed_when_pipeline_raises_and_inside_multi_callbacks(sd_pipe):
     callback = MEt3RCallback(FeatureConsistency(), num_views=4)
     multi = MultiPipelineCallbacks([callback, _Raiser()])
-    with pytest.raises(RuntimeError, match="boom"):
-        with callback.attach(sd_pipe):
-            _run(sd_pipe, multi, steps=5)
+    with pytest.raises(RuntimeError, match="boom"), callback.attach(sd_pipe):
+        _run(sd_pipe, multi, steps=5)
     assert "step" not in sd_pipe.scheduler.__dict__
     assert [entry["step"] for entry in callback.history] == [0, 1, 2]
 
 
 class _Raiser:
-    tensor_inputs = ["latents"]
+    tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __call__(self, pipeline, step_index, timestep, callback_kwargs):
         if step_index == 2:
@@ -382,7 +382,7 @@ def test_history_rows_and_plot(sd_pipe):
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MEt3RCallback(FeatureConsistency(), **kwargs)
-    with pytest.raises(ValueError, match="metric"):
+    with pytest.raises(TypeError, match="metric"):
         MEt3RCallback("met3r")
 
 

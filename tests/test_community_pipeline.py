@@ -9,17 +9,17 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
+from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     StableDiffusionPipeline,
 )
-from test_callbacks import FeatureConsistency, tiny_sd_components  # noqa: E402
+from test_callbacks import FeatureConsistency, tiny_sd_components
 
-from met3r_diffusers.callbacks import MEt3RCallback  # noqa: E402
-from met3r_diffusers.diffusion import _sample_coefficients, predict_x0  # noqa: E402
+from met3r_diffusers.callbacks import MEt3RCallback
+from met3r_diffusers.diffusion import _sample_coefficients, predict_x0
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "met3r_guided_multiview.py"
 

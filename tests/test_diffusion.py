@@ -5,7 +5,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
+from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
@@ -14,8 +14,8 @@ from diffusers import (  # noqa: E402
     FlowMatchEulerDiscreteScheduler,
 )
 
-from met3r_diffusers import predict_x0  # noqa: E402
-from met3r_diffusers.diffusion import decode_latents, is_flow_matching  # noqa: E402
+from met3r_diffusers import predict_x0
+from met3r_diffusers.diffusion import decode_latents, is_flow_matching
 
 
 def _data(batch=3, seed=0):

@@ -95,5 +95,5 @@ def test_parse_errors():
     for bad in ("grid", "grid:3by2", "frames:fbchw", "batch:2"):
         with pytest.raises(ValueError, match="layout"):
             ViewLayout.parse(bad)
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(TypeError, match="layout"):
         ViewLayout.parse(3)
