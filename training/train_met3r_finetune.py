@@ -370,7 +370,8 @@ def main(args: argparse.Namespace) -> dict:
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{len(dataset)} scenes x {num_views} views of {height}x{width}; {args.max_train_steps} steps of "
-                f"{total_batch} scenes; λ = {args.met3r_weight}, gate t <= {args.met3r_max_timestep}")
+                f"{total_batch} scenes; λ = {args.met3r_weight}, "
+                f"gate t <= {'T' if args.met3r_max_timestep is None else args.met3r_max_timestep}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps

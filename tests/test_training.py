@@ -1,0 +1,300 @@
+"""The fine-tuning script and MEt3REvalHook on tiny random components with the toy stand-in metric (CPU, no network).
+
+The two-process test runs this file itself under `accelerate launch --num_processes 2 --cpu` (gloo, loopback):
+see `_hook_worker` at the bottom.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from _parity import REPO_ROOT
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from safetensors.torch import load_file
+
+from met3r_diffusers.data import make_toy_multiview_dataset
+from met3r_diffusers.loss import MEt3RLoss, decode_views, predict_x0
+from met3r_diffusers.training import MEt3REvalHook
+
+SCRIPT = REPO_ROOT / "training" / "train_met3r_finetune.py"
+TOY_METRIC = f"{REPO_ROOT / 'training' / 'toy_metric.py'}:FeatureConsistencyMetric"
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _load(SCRIPT, "train_met3r_finetune")
+FeatureConsistencyMetric = _load(REPO_ROOT / "training" / "toy_metric.py", "toy_metric").FeatureConsistencyMetric
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run starts from a clean Accelerate singleton state."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return make_toy_multiview_dataset(tmp_path_factory.mktemp("toy"), num_scenes=6, num_views=3, resolution=32)
+
+
+def _args(data_dir, output_dir, *extra):
+    return [
+        "--tiny_test_model", "--train_data_dir", str(data_dir), "--output_dir", str(output_dir),
+        "--train_batch_size", "2", "--met3r_factory", TOY_METRIC, "--met3r_kwargs", '{"shift": 1}',
+        "--num_validation_samples", "3", "--validation_inference_steps", "3", "--report_to", "tensorboard",
+        *extra,
+    ]
+
+
+def _run(*argv):
+    return train_script.main(train_script.parse_args(list(argv)))
+
+
+def _checkpoint(path):
+    state = {f"model.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
+    optimizer = torch.load(path / "optimizer.bin", weights_only=False)
+    for index, values in optimizer["state"].items():
+        state.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
+    scheduler = torch.load(path / "scheduler.bin", weights_only=False)
+    state["scheduler.last_epoch"] = torch.tensor(scheduler["last_epoch"])
+    return state
+
+
+def test_lora_run_checkpoint_resume_identical(toy_data, tmp_path):
+    """4 steps straight == 2 steps + resume from checkpoint-2 + 2 steps (weights, optimizer, scheduler, validation)."""
+    common = ("--use_lora", "--checkpointing_steps", "2", "--validation_steps", "2", "--met3r_max_timestep", "700")
+    straight = _run(*_args(toy_data, tmp_path / "a", "--max_train_steps", "4", *common))
+    assert straight["global_step"] == 4
+    assert [r["step"] for r in straight["validation"]] == [2, 4]
+    assert sorted(os.listdir(tmp_path / "a")) == [
+        "checkpoint-2", "checkpoint-4", "logs", "met3r_validation.jsonl", "pytorch_lora_weights.safetensors"
+    ]
+    lines = [json.loads(line) for line in (tmp_path / "a" / "met3r_validation.jsonl").read_text().splitlines()]
+    assert [line["num_samples"] for line in lines] == [3, 3] and all(0 < line["score"] < 2 for line in lines)
+    lora = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    assert lora and all("lora" in key for key in lora)
+
+    AcceleratorState._reset_state(True)
+    _run(*_args(toy_data, tmp_path / "b", "--max_train_steps", "2", *common))
+    AcceleratorState._reset_state(True)
+    resumed = _run(*_args(toy_data, tmp_path / "b", "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                          *common))
+    assert resumed["global_step"] == 4 and [r["step"] for r in resumed["validation"]] == [4]
+
+    expected, actual = _checkpoint(tmp_path / "a" / "checkpoint-4"), _checkpoint(tmp_path / "b" / "checkpoint-4")
+    assert expected.keys() == actual.keys() and any(".lora" in k for k in expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed["validation"][-1]["score"] == straight["validation"][-1]["score"]
+    # training did move the LoRA weights away from the checkpoint-2 state
+    halfway = _checkpoint(tmp_path / "a" / "checkpoint-2")
+    assert any(not torch.equal(halfway[k], expected[k]) for k in expected if ".lora_B" in k)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_full_finetune_each_prediction_type(toy_data, tmp_path, prediction_type):
+    result = _run(*_args(toy_data, tmp_path, "--max_train_steps", "1", "--prediction_type", prediction_type,
+                         "--num_validation_samples", "0", "--report_to", "none", "--met3r_weight", "1.0"))
+    assert result["global_step"] == 1 and result["validation"] == []
+    assert (tmp_path / "unet" / "config.json").exists()
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["num_class_embeds"] >= 3
+
+
+def test_regulariser_gradient_reaches_lora_parameters(toy_data):
+    """λ·MEt3R alone gives finite, non-zero gradients on the LoRA weights, none on the frozen base or the metric."""
+    from peft import LoraConfig
+
+    components = train_script._tiny_components(32, 3, seed=0, prediction_type="epsilon")
+    unet, vae, scheduler = components["unet"], components["vae"], components["scheduler"]
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=train_script.LORA_TARGET_MODULES))
+    vae.requires_grad_(False)
+    metric = FeatureConsistencyMetric(shift=1)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([200] * 3 + [900] * 3)
+    noisy = scheduler.add_noise(latents, torch.randn(6, 4, 8, 8, generator=generator), timesteps)
+    context = torch.randn(6, 5, 32, generator=generator)
+    model_pred = unet(noisy, timesteps, context, class_labels=torch.arange(3).repeat(2)).sample
+    views = decode_views(vae, predict_x0(model_pred, noisy, timesteps, scheduler), num_views=3)
+    loss = MEt3RLoss(metric, max_timestep=500)(views, timesteps=timesteps[::3])
+    loss.backward()
+
+    lora_grads = {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}
+    assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads.values())
+    assert sum(g.abs().sum() for n, g in lora_grads.items() if "lora_B" in n) > 0
+    assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)
+    assert all(p.grad is None for p in metric.parameters())
+
+
+def _write_views(scene_dir, sizes):
+    from PIL import Image
+
+    scene_dir.mkdir(parents=True)
+    for v, size in enumerate(sizes):
+        Image.new("RGB", size, (v * 40, 90, 160)).save(scene_dir / f"view_{v}.png")
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (("--met3r_weight", "-0.5"), "met3r_weight"),
+        (("--prediction_type", "flow"), "prediction_type"),
+        (("--train_data_dir", "/nonexistent/scenes"), "train_data_dir"),
+        (("--met3r_kwargs", "{shift: 1}"), "met3r_kwargs"),
+        (("--resume_from_checkpoint", "checkpoint-7"), "no such checkpoint"),
+    ],
+)
+def test_bad_configuration_fails_before_training(toy_data, tmp_path, extra, match):
+    output_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        _run(*_args(toy_data, output_dir, "--max_train_steps", "1", *extra))
+    assert not (output_dir / "checkpoint-1").exists() and not (output_dir / "met3r_validation.jsonl").exists()
+
+
+def test_mismatched_view_sizes_fail_before_any_model_is_built(tmp_path, monkeypatch):
+    _write_views(tmp_path / "data" / "scene_0", [(32, 32), (32, 32)])
+    _write_views(tmp_path / "data" / "scene_1", [(32, 32), (48, 32)])
+    monkeypatch.setattr(train_script, "_tiny_components", lambda *a, **k: pytest.fail("components were built"))
+    with pytest.raises(ValueError, match="scene_1.*mismatched sizes"):
+        _run(*_args(tmp_path / "data", tmp_path / "out", "--max_train_steps", "1"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_configuration_from_the_command_line(toy_data, tmp_path):
+    """The script itself exits non-zero with the message, in seconds (no model is built)."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *_args(toy_data, tmp_path, "--met3r_weight", "-1")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--met3r_weight (λ) must be >= 0, got -1.0" in result.stderr
+    assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- evaluation hook
+
+
+def _hook_sample_fn(inputs, generators):
+    """Deterministic 'sampler': views from each input's generator (b, 3 views, 3, 16, 16)."""
+    views = [torch.rand(3, 3, 16, 16, generator=g) * 2 - 1 + 0.1 * value for value, g in zip(inputs, generators)]
+    return torch.stack(views)
+
+
+def _run_hook(output_dir=None):
+    accelerator = Accelerator(cpu=True, log_with="tensorboard" if output_dir else None, project_dir=output_dir)
+    if output_dir:
+        accelerator.init_trackers("hook")
+    metric = FeatureConsistencyMetric(shift=1, empty_pairs=[(1, 2)])
+    hook = MEt3REvalHook(accelerator, every_n_steps=5, sample_fn=_hook_sample_fn, metric=metric,
+                         inputs=[0.0, 1.0, 2.0, 3.0, 4.0], pairs="all", batch_size=2, seed=3)
+    assert hook(4) is None
+    results = hook(10)
+    accelerator.end_training()
+    return accelerator, results
+
+
+def _summary(results):
+    return {
+        "score": results["score"],
+        "pair_scores": results["pair_scores"],
+        "scores": results["scores"].tolist(),
+        "num_samples": results["num_samples"],
+    }
+
+
+def test_eval_hook_single_process(tmp_path):
+    _, results = _run_hook(str(tmp_path))
+    metric = FeatureConsistencyMetric(shift=1, empty_pairs=[(1, 2)])
+    expected = metric(_hook_sample_fn([0.0, 1.0, 2.0, 3.0, 4.0],
+                                      [torch.Generator().manual_seed(3 + k) for k in range(5)]), pairs="all")
+    torch.testing.assert_close(results["scores"], expected.score)
+    assert results["num_samples"] == 5 and list(results["pair_scores"]) == ["0-1", "0-2", "1-2"]
+    assert results["pair_scores"]["1-2"] != results["pair_scores"]["1-2"]  # NaN: empty overlap for every sample
+    assert results["score"] == pytest.approx(float(expected.score.mean()), rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "hook")).Reload()
+    assert {"met3r/score", "met3r/pair_0-1", "met3r/overlap"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("met3r/score")[0].step == 10
+    image = events.Images("met3r/sample_0")[0]
+    assert (image.width, image.height) == (3 * 16, 2 * 16)  # 3 views above, 3 pair heatmaps below
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_eval_hook_two_processes_match_single_process(tmp_path):
+    """Two gloo processes on the CPU gather exactly the single-process numbers (5 inputs: uneven shards, padding).
+
+    `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up, so the two processes
+    are started through Accelerate's torchrun launcher (`--multi_gpu`) with ACCELERATE_USE_CPU=true: loopback only.
+    """
+    out = tmp_path / "two.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+               ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), __file__, str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["num_processes"] == 2
+    _, results = _run_hook()
+    single = _summary(results)
+    assert two["num_samples"] == single["num_samples"] == 5
+    torch.testing.assert_close(torch.tensor(two["scores"]), torch.tensor(single["scores"]), rtol=0, atol=0)
+    assert two["score"] == single["score"]
+    assert json.dumps(two["pair_scores"]) == json.dumps(single["pair_scores"])
+
+
+@pytest.mark.slow
+def test_script_under_two_processes(toy_data, tmp_path):
+    """DDP (gloo) run of the script with LoRA, gradient accumulation, a checkpoint and validation on 3 inputs."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(SCRIPT),
+               *_args(toy_data, tmp_path, "--use_lora", "--train_batch_size", "1", "--gradient_accumulation_steps",
+                      "2", "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "2")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    lines = [json.loads(line) for line in (tmp_path / "met3r_validation.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["num_samples"]) for line in lines] == [(2, 3), (3, 3)]
+
+
+def _hook_worker(out_path):
+    accelerator, results = _run_hook()
+    if accelerator.is_main_process:
+        with open(out_path, "w") as f:
+            json.dump({"num_processes": accelerator.num_processes, **_summary(results)}, f)
+
+
+if __name__ == "__main__":
+    _hook_worker(sys.argv[1])
