@@ -19,6 +19,7 @@ See docs/training.md for the dataset format and every option.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import importlib.util
 import json
@@ -248,7 +249,7 @@ def _checkpoint_folders(output_dir: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Train; returns {"global_step", "validation": [hook results], "output_dir"}."""
+    """Train; returns the final step, the mean diffusion loss of the last 50 steps, the hook's results, output_dir."""
     # the dataset is read (sizes, view counts, camera files checked) before anything heavy is built
     dataset = MultiViewFolderDataset(args.train_data_dir, num_views=args.num_views, resolution=args.resolution)
     num_views = dataset.num_views
@@ -376,6 +377,7 @@ def main(args: argparse.Namespace) -> dict:
                     disable=not accelerator.is_local_main_process)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     scaling_factor = vae.config.scaling_factor
+    recent_losses = collections.deque(maxlen=50)
     unet.train()
     for epoch in range(first_epoch, num_train_epochs):
         train_dataloader.set_epoch(epoch)
@@ -430,6 +432,7 @@ def main(args: argparse.Namespace) -> dict:
                 progress.update(1)
                 logs = {"loss": loss.detach().item(), "diffusion_loss": diffusion_loss.detach().item(),
                         "met3r_loss": reg.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                recent_losses.append(logs["diffusion_loss"])
                 progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0:
@@ -447,7 +450,12 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         _save_weights(accelerator.unwrap_model(unet), args)
     accelerator.end_training()
-    return {"global_step": global_step, "validation": hook.history if hook else [], "output_dir": args.output_dir}
+    return {
+        "global_step": global_step,
+        "final_diffusion_loss": sum(recent_losses) / max(len(recent_losses), 1),  # mean of the last 50 steps
+        "validation": hook.history if hook else [],
+        "output_dir": args.output_dir,
+    }
 
 
 def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int) -> None:
