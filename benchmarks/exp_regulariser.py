@@ -3,8 +3,9 @@
 Procedure (CPU, tiny random components, toy data; every number printed comes from this run):
 
 1. write a procedural toy multi-view dataset (`make_toy_multiview_dataset`);
-2. build the tiny UNet/VAE/CLIP of the training script, save them as a local diffusers model folder and pre-train
-   the UNet on the toy data with the diffusion loss only (λ = 0) -> the "base" model;
+2. build the tiny UNet/VAE/CLIP of the training script, train the VAE to reconstruct the toy views (so that decoded
+   samples are images, not the output of a random decoder), save everything as a local diffusers model folder and
+   pre-train the UNet on the toy data with the diffusion loss only (λ = 0) -> the "base" model;
 3. fine-tune the base model twice with identical seeds, data order and step count, once with λ = 0 and once with
    λ > 0 (timestep gate t <= --max_timestep);
 4. sample the same validation prompts with the same seeds from the base and both fine-tuned UNets (DDIM, through the
@@ -41,12 +42,41 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+def _train_vae(vae, data_dir: Path, steps: int, seed: int) -> float:
+    """Fit the tiny VAE to the toy views (MSE + a small KL term); sets its scaling_factor to 1 / latent std."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from met3r_diffusers.data import MultiViewFolderDataset
+
+    dataset = MultiViewFolderDataset(data_dir)
+    images = torch.cat([dataset[k]["pixel_values"] for k in range(len(dataset))])  # (N*V, 3, H, W)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    vae.train()
+    for _ in tqdm(range(steps), desc="VAE"):
+        batch = images[torch.randint(len(images), (32,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample(generator)).sample, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        error = F.mse_loss(vae.decode(posterior.mean).sample, images).item()
+        vae.register_to_config(scaling_factor=float(1 / posterior.mean.std()))
+    return error
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", type=str, default=None, help="default: a temporary folder (deleted)")
     parser.add_argument("--num_scenes", type=int, default=16)
     parser.add_argument("--num_views", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--vae_steps", type=int, default=1500)
     parser.add_argument("--base_steps", type=int, default=600)
     parser.add_argument("--finetune_steps", type=int, default=200)
     parser.add_argument("--met3r_weight", type=float, default=1.0, help="λ of the regularised run")
@@ -83,6 +113,8 @@ def main() -> None:
     # 2. the base model: tiny components saved as a local diffusers folder, then pre-trained with λ = 0
     base = work / "base"
     components = script._tiny_components(options.resolution, options.num_views, seed=0, prediction_type="epsilon")
+    vae_error = _train_vae(components["vae"], data_dir, options.vae_steps, seed=0)
+    print(f"VAE: {options.vae_steps} steps, reconstruction MSE {vae_error:.4f} (images in [-1, 1])")
     for name, component in components.items():
         component.save_pretrained(base / name)
     pretrain = run(work / "pretrain", "--pretrained_model_name_or_path", str(base), "--met3r_weight", "0",
@@ -105,7 +137,7 @@ def main() -> None:
             print(json.dumps(rows[-1]))
 
     print(f"\n{options.num_scenes} toy scenes x {options.num_views} views at {options.resolution}px; base "
-          f"{options.base_steps} steps, fine-tune {options.finetune_steps} steps, gate t <= {options.max_timestep}; "
+          f"{options.base_steps} steps (VAE {options.vae_steps}), fine-tune {options.finetune_steps} steps, gate t <= {options.max_timestep}; "
           f"MEt3R of {options.num_validation_samples} sampled validation scenes (DDIM 20 steps); metric "
           f"{options.met3r_factory.rsplit('/', 1)[-1]} {options.met3r_kwargs}")
     print(f"| seed | λ | MEt3R of samples ↓ | diffusion loss (last 50 steps) | time (s) |")
