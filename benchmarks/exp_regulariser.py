@@ -28,7 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_met3r_finetune", REPO_ROOT / "training" / "train_met3r_finetune.py")
+    path = REPO_ROOT / "training" / "train_met3r_finetune.py"
+    spec = importlib.util.spec_from_file_location("train_met3r_finetune", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -137,10 +138,11 @@ def main() -> None:
             print(json.dumps(rows[-1]))
 
     print(f"\n{options.num_scenes} toy scenes x {options.num_views} views at {options.resolution}px; base "
-          f"{options.base_steps} steps (VAE {options.vae_steps}), fine-tune {options.finetune_steps} steps, gate t <= {options.max_timestep}; "
+          f"{options.base_steps} steps (VAE {options.vae_steps}), fine-tune {options.finetune_steps} steps, "
+          f"gate t <= {options.max_timestep}; "
           f"MEt3R of {options.num_validation_samples} sampled validation scenes (DDIM 20 steps); metric "
           f"{options.met3r_factory.rsplit('/', 1)[-1]} {options.met3r_kwargs}")
-    print(f"| seed | λ | MEt3R of samples ↓ | diffusion loss (last 50 steps) | time (s) |")
+    print("| seed | λ | MEt3R of samples ↓ | diffusion loss (last 50 steps) | time (s) |")
     print("|---|---|---|---|---|")
     print(f"| - | base | {pretrain['validation'][-1]['score']:.4f} | {pretrain['final_diffusion_loss']:.4f} | "
           f"{pretrain['seconds']:.0f} |")

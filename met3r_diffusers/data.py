@@ -233,7 +233,7 @@ def _look_at(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def toy_cameras(
     num_views: int, size: tuple[int, int], azimuth_step: float = 20.0, elevation: float = 30.0, distance: float = 3.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cameras on an arc around the origin, `azimuth_step` degrees apart: (intrinsics (V,3,3), cam_to_world (V,4,4))."""
+    """Cameras on an arc around the origin, `azimuth_step` degrees apart: intrinsics (V,3,3), cam_to_world (V,4,4)."""
     height, width = size
     focal = 1.2 * max(height, width)  # ~45 degree field of view
     intrinsics = torch.tensor([[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]])
@@ -248,7 +248,9 @@ def toy_cameras(
     return intrinsics.expand(num_views, 3, 3).clone(), torch.stack(poses)
 
 
-def render_toy_scene(scene: dict[str, Any], intrinsics: torch.Tensor, cam_to_world: torch.Tensor, size: tuple[int, int]):
+def render_toy_scene(
+    scene: dict[str, Any], intrinsics: torch.Tensor, cam_to_world: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ray-cast a scene from V cameras: images (V, 3, H, W) in [0, 1] and depth (V, H, W) (inf on the sky)."""
     height, width = size
     v, u = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
@@ -269,7 +271,8 @@ def render_toy_scene(scene: dict[str, Any], intrinsics: torch.Tensor, cam_to_wor
         albedo[hit] = colour[hit]
 
     # floor y = 0 inside |x|, |z| < 2, checkered in 0.5-unit squares
-    t = torch.where(directions[..., 1] < -1e-6, -origins[..., 1] / directions[..., 1], torch.full_like(depth, math.inf))
+    never = torch.full_like(depth, math.inf)
+    t = torch.where(directions[..., 1] < -1e-6, -origins[..., 1] / directions[..., 1], never)
     point = origins + t[..., None] * directions
     t = torch.where(point[..., [0, 2]].abs().amax(-1) < 2.0, t, torch.full_like(t, math.inf))
     checker = ((point[..., 0] / 0.5).floor() + (point[..., 2] / 0.5).floor()).remainder(2)[..., None]
@@ -292,7 +295,8 @@ def render_toy_scene(scene: dict[str, Any], intrinsics: torch.Tensor, cam_to_wor
         t = torch.where(t_near < t_far, t_near, torch.full_like(t_near, math.inf))
         axis = torch.minimum(t0, t1).argmax(-1)
         n = -F.one_hot(axis, 3).float() * torch.sign(directions)
-        local = (origins + t[..., None] * directions - (box["low"] + box["high"]) / 2) / ((box["high"] - box["low"]) / 2)
+        centre, half = (box["low"] + box["high"]) / 2, (box["high"] - box["low"]) / 2
+        local = (origins + t[..., None] * directions - centre) / half
         edge = local.abs().masked_fill(F.one_hot(axis, 3).bool(), 0).amax(-1, keepdim=True).nan_to_num(0)
         keep(t, n, box["colour"] * (1.0 - 0.4 * edge.clamp(0, 1) ** 4))
 

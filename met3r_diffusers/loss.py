@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .diffusion import decode_latents, predict_x0
@@ -39,7 +39,9 @@ def decode_views(
     `gradient_checkpointing` recomputes the decoder in the backward pass instead of storing its activations.
     """
     if latents.ndim != 4 or latents.shape[0] % num_views:
-        raise ValueError(f"latents must be (B*num_views, C, h, w) with num_views={num_views}, got {tuple(latents.shape)}")
+        raise ValueError(
+            f"latents must be (B*num_views, C, h, w) with num_views={num_views}, got {tuple(latents.shape)}"
+        )
     if gradient_checkpointing and torch.is_grad_enabled():
         images = checkpoint(decode_latents, vae, latents, size, use_reentrant=False)
     else:
@@ -143,7 +145,9 @@ class MEt3RLoss(nn.Module):
                 raise ValueError("max_timestep is set: pass the samples' timesteps to the loss")
             timesteps = torch.as_tensor(timesteps, device=views.device).reshape(-1)
             if timesteps.numel() not in (1, batch):
-                raise ValueError(f"timesteps must be a scalar or hold one value per sample ({batch}), got {timesteps.numel()}")
+                raise ValueError(
+                    f"timesteps must be a scalar or hold one value per sample ({batch}), got {timesteps.numel()}"
+                )
             keep = (timesteps <= self.max_timestep).expand(batch)
 
         # a zero that is still part of the graph, so that backward() works when nothing contributes

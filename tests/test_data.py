@@ -79,7 +79,8 @@ def _views(scene_dir, sizes, names=None):
 
 def test_views_are_ordered_numerically_and_resized(tmp_path):
     _views(tmp_path / "s", [(8, 6)] * 3, names=["view_10.png", "view_2.png", "view_1.jpg"])
-    (tmp_path / "s" / "cameras.json").write_text(json.dumps({"intrinsics": [[[8.0, 0, 4], [0, 8.0, 3], [0, 0, 1]]] * 3}))
+    intrinsics = [[[8.0, 0, 4], [0, 8.0, 3], [0, 0, 1]]] * 3
+    (tmp_path / "s" / "cameras.json").write_text(json.dumps({"intrinsics": intrinsics}))
     dataset = MultiViewFolderDataset(tmp_path, resolution=(12, 16))
     assert [p.name for p in dataset.scenes[0]] == ["view_1.jpg", "view_2.png", "view_10.png"]
     item = dataset[0]

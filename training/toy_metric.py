@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from met3r_diffusers.views import PairSpec, resolve_pairs
 

@@ -117,9 +117,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     track.add_argument("--validation_seed", type=int, default=0)
 
     args = parser.parse_args(input_args)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1:
-        args.local_rank = env_local_rank
     validate_args(args)
     return args
 
