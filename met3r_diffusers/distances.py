@@ -1,0 +1,108 @@
+"""Per-pixel distances between the two renderings of a view pair, and their masked aggregation.
+
+Every distance takes the two renderings `(N, C, H, W)` (zero where nothing was rendered) and
+returns a per-pixel map `(N, H, W)`; `masked_mean` turns a map and an overlap mask into a score.
+
+* ``cosine`` (MEt3R's default, on DINO/FeatUp features): ``1 - <a, b> / (|a| |b| + eps)`` with
+  the eps added to the product of the norms, as the reference implementation does.
+* ``mse``, ``rmse``, ``psnr``, ``ssim``, ``lpips`` compare rendered RGB images in [0, 1] (the
+  newer MEt3R's behaviour for non-cosine distances). ``psnr`` is the only one where *higher*
+  means more consistent. ``ssim`` needs `torchmetrics`, ``lpips`` the `lpips` package.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+DISTANCES = ("cosine", "mse", "rmse", "psnr", "ssim", "lpips")
+# distances that compare features (everything else compares RGB renderings)
+FEATURE_DISTANCES = ("cosine",)
+# PSNR's per-pixel MSE floor: identical pixels read 100 dB instead of +inf
+_PSNR_MSE_FLOOR = 1e-10
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``1 - <a, b> / (|a| |b| + eps)`` over channels: (N, C, H, W) x 2 -> (N, H, W)."""
+    return 1 - (b * a).sum(1) / (torch.linalg.norm(b, dim=1) * torch.linalg.norm(a, dim=1) + eps)
+
+
+def mse_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the squared difference: (N, C, H, W) x 2 -> (N, H, W)."""
+    return (a - b).square().mean(1)
+
+
+def rmse_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Square root of `mse_distance` per pixel (clamped away from 0 so the gradient stays finite)."""
+    return mse_distance(a, b).clamp_min(1e-12).sqrt()
+
+
+def psnr_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel PSNR in dB for images in [0, 1] (higher = more similar)."""
+    return -10 * torch.log10(mse_distance(a, b).clamp_min(_PSNR_MSE_FLOOR))
+
+
+def ssim_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM map averaged over channels (needs torchmetrics; higher = more similar)."""
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+    except ImportError as error:
+        raise ImportError("distance='ssim' needs torchmetrics: pip install torchmetrics") from error
+    _, full = structural_similarity_index_measure(a, b, data_range=1.0, return_full_image=True)
+    return full.mean(1)
+
+
+class _LPIPS:
+    """Lazily built spatial LPIPS (AlexNet) from the `lpips` package."""
+
+    def __init__(self):
+        self.model = None
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.model is None:
+            try:
+                import lpips
+            except ImportError as error:
+                raise ImportError("distance='lpips' needs the lpips package: pip install lpips") from error
+            self.model = lpips.LPIPS(net="alex", spatial=True, verbose=False).eval().requires_grad_(False)
+        self.model.to(a.device)
+        return self.model(2 * a - 1, 2 * b - 1)[:, 0]
+
+
+def get_distance(name: str, eps: float = 1e-3) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-pixel distance function called `name` (see DISTANCES)."""
+    if name == "cosine":
+        return lambda a, b: cosine_distance(a, b, eps)
+    functions = {"mse": mse_distance, "rmse": rmse_distance, "psnr": psnr_distance, "ssim": ssim_distance}
+    if name in functions:
+        return functions[name]
+    if name == "lpips":
+        return _LPIPS()
+    raise ValueError(f"distance must be one of {DISTANCES}, got {name!r}")
+
+
+def check_distance_available(name: str) -> None:
+    """Raise ImportError now (not at the first score) when `name` needs a package that is missing."""
+    import importlib.util
+
+    needs = {"ssim": "torchmetrics", "lpips": "lpips"}
+    if name in needs and importlib.util.find_spec(needs[name]) is None:
+        raise ImportError(f"distance={name!r} needs the {needs[name]} package: pip install {needs[name]}")
+
+
+def masked_mean(score_map: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``sum(map * mask) / (sum(mask) + eps)`` over the last two dims; NaN where the mask is empty.
+
+    The reference returns 0 for an empty overlap, which reads as "perfectly consistent"; NaN says
+    that nothing could be compared. The NaN is selected with `torch.where`, so its gradient is 0.
+    """
+    covered = mask.sum((-2, -1))
+    score = (score_map * mask).sum((-2, -1)) / (covered + eps)
+    return torch.where(covered > 0, score, torch.full_like(score, math.nan))
+
+
+def masked_psnr(score_map: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """PSNR of the masked mean squared error, from a per-pixel PSNR map (dB); NaN where the mask is empty."""
+    mse = masked_mean(10 ** (-score_map / 10), mask, eps)
+    return -10 * torch.log10(mse.clamp_min(_PSNR_MSE_FLOOR))
