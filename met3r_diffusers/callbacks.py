@@ -29,7 +29,11 @@ classifier-guidance variant in `pipelines/met3r_guided_multiview.py`). Multistep
 DEIS) keep a history of earlier x0 predictions that the edit does not touch: their next update combines the edited
 sample with that history, so the higher-order correction sees the guidance shift as a change of the model's
 prediction and extrapolates it a little further; the run still converges, the guided shift is just not exactly
-`guidance_scale` per step. Randomness: the callback draws no random numbers itself.
+`guidance_scale` per step. Pairs without overlap (MEt3R scores them NaN, and the 0/0 behind that NaN sends NaN
+gradients backwards) must not poison the latents: with a metric that can return its score map and overlap mask
+(`MEt3R`), the guided objective is recomputed from them as in `MEt3RLoss` (such pairs contribute nothing);
+with any other metric, a sample whose gradient is not finite gets no guidance at that step (with a warning).
+Randomness: the callback draws no random numbers itself.
 """
 from __future__ import annotations
 
@@ -39,9 +43,11 @@ from typing import Any, Callable
 
 import torch
 from diffusers.callbacks import PipelineCallback
+from torch import nn
 from typing_extensions import Self
 
 from .diffusion import _is_sigma_space, _sample_coefficients, decode_latents, predict_x0
+from .loss import MEt3RLoss, masked_pair_scores
 from .views import PairSpec, ViewLayout, resolve_pairs
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -52,8 +58,9 @@ class MEt3RCallback(PipelineCallback):
 
     Args:
         metric: a callable `metric(views (B, V, 3, H, W) in [-1, 1], pairs=...)` returning an object with `.score`
-            (B,) and optionally `.pair_scores` (B, n_pairs) -- an `MEt3R` -- or a tensor of per-sample scores.
-            It must be differentiable with respect to the views when `guidance_scale > 0`.
+            (B,) and optionally `.pair_scores` (B, n_pairs) -- an `MEt3R` -- or a tensor of per-sample scores;
+            an `MEt3RLoss` is accepted too (its metric is used, with this callback's `pairs`). It must be
+            differentiable with respect to the views when `guidance_scale > 0`.
         every_n_steps: score when `step_index % every_n_steps == 0` inside the scoring window; the final step is
             always scored (whatever the window).
         num_views: views per sample (see `ViewLayout`); `None` = all batch entries / frames / tiles.
@@ -96,6 +103,8 @@ class MEt3RCallback(PipelineCallback):
         max_grad_norm: float | None = None,
     ):
         super().__init__()
+        if isinstance(metric, MEt3RLoss):
+            metric = metric.metric
         if not callable(metric):
             raise TypeError(f"metric must be callable, got {type(metric).__name__}")
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -128,6 +137,7 @@ class MEt3RCallback(PipelineCallback):
         self._scheduler = None
         self._record: tuple[torch.Tensor, Any] | None = None
         self._warned_missing = False
+        self._warned_nonfinite = False
 
     # ------------------------------------------------------------------ scheduler wrapper
 
@@ -230,6 +240,11 @@ class MEt3RCallback(PipelineCallback):
 
     def _score(self, pipeline, x0: torch.Tensor) -> tuple[Any, list[tuple[int, int]]]:
         """Decode x0 (pipeline layout) into views and run the metric; also returns the scored pairs."""
+        views = self._views(pipeline, x0)
+        return self.metric(views, pairs=self.pairs), resolve_pairs(self.pairs, views.shape[1])
+
+    def _views(self, pipeline, x0: torch.Tensor) -> torch.Tensor:
+        """Decode x0 (pipeline layout) into views (B, V, 3, H, W)."""
         latents, batch_size = self.layout.to_decode(x0, _latent_channels(pipeline))
         if self.decode_fn is not None:
             images = self.decode_fn(latents)
@@ -240,8 +255,7 @@ class MEt3RCallback(PipelineCallback):
                 size=self._image_size(),
                 num_frames=latents.shape[0] // batch_size if self.layout.kind == "frames" else None,
             )
-        views = self.layout.to_views(images, batch_size)
-        return self.metric(views, pairs=self.pairs), resolve_pairs(self.pairs, views.shape[1])
+        return self.layout.to_views(images, batch_size)
 
     def _image_size(self) -> tuple[int, int] | None:
         if self.decode_size is None or self.layout.kind != "grid":
@@ -253,11 +267,18 @@ class MEt3RCallback(PipelineCallback):
         """`_score`'s result and the per-sample normalised step direction d(score)/d(x0), shaped like x0."""
         with torch.enable_grad():
             x0 = x0.detach().float().requires_grad_(True)
-            output = self._score(pipeline, x0)
-            scores = _scores(output[0])
-            (grad,) = torch.autograd.grad(scores.sum(), x0)
-        _, batch_size = self.layout.to_decode(x0.detach(), _latent_channels(pipeline))
-        per_sample = grad.reshape(batch_size, -1)
+            views = self._views(pipeline, x0)
+            metric_output, objective = guidance_scores(self.metric, views, self.pairs)
+            (grad,) = torch.autograd.grad(objective.sum(), x0)
+        output = (metric_output, resolve_pairs(self.pairs, views.shape[1]))
+        per_sample, num_bad = zero_nonfinite_samples(grad, views.shape[0])
+        if num_bad and not self._warned_nonfinite:
+            warnings.warn(
+                f"MEt3RCallback: the metric's gradient is not finite for {num_bad} sample(s) (pairs without overlap "
+                "scored NaN?); those samples are not guided at this step",
+                stacklevel=3,
+            )
+            self._warned_nonfinite = True
         rms = per_sample.square().mean(dim=1, keepdim=True).sqrt()
         if self.normalize_grad:
             per_sample = per_sample / rms.clamp_min(1e-12)
@@ -300,6 +321,43 @@ class MEt3RCallback(PipelineCallback):
         return ax
 
 
+def _takes_maps(metric: Callable[..., Any]) -> bool:
+    """Whether `metric` accepts `return_score_map` and `return_overlap_mask` (as `MEt3R` does)."""
+    target = metric.forward if isinstance(metric, nn.Module) else metric
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return "return_score_map" in parameters and "return_overlap_mask" in parameters
+
+
+def guidance_scores(metric: Callable[..., Any], views: torch.Tensor, pairs: PairSpec) -> tuple[Any, torch.Tensor]:
+    """The metric's output for views (B, V, 3, H, W) and a per-sample objective (B,) to differentiate for guidance.
+
+    With a metric that returns its score map and overlap mask (`MEt3R`), the objective is the mean over the pairs
+    that overlap of `masked_pair_scores` (MEt3R's score when every pair overlaps), so pairs without overlap
+    contribute nothing and no NaN reaches the gradient; otherwise it is the metric's `.score`.
+    """
+    if not _takes_maps(metric):
+        output = metric(views, pairs=pairs)
+        return output, _scores(output)
+    num_pairs = len(resolve_pairs(pairs, views.shape[1]))
+    output = metric(views, pairs=pairs, return_score_map=True, return_overlap_mask=True)
+    scores, valid = masked_pair_scores(output.score_map, output.overlap_mask, num_pairs)
+    valid = valid.to(scores.dtype)
+    return output, (scores * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+def zero_nonfinite_samples(grad: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, int]:
+    """`grad` as (num_samples, -1) with the rows holding any NaN / inf set to 0; also returns how many rows."""
+    per_sample = grad.reshape(num_samples, -1)
+    bad = ~torch.isfinite(per_sample).all(dim=1)
+    num_bad = int(bad.sum())
+    if num_bad:
+        per_sample = torch.where(bad[:, None], torch.zeros_like(per_sample), per_sample)
+    return per_sample, num_bad
+
+
 def _scores(output: Any) -> torch.Tensor:
     """Per-sample scores (B,) from a metric output or a plain tensor."""
     scores = output.score if hasattr(output, "score") else output
@@ -311,11 +369,14 @@ def _scores(output: Any) -> torch.Tensor:
 def _history_entry(step_index: int, timestep: Any, output: Any, pairs: list[tuple[int, int]]) -> dict[str, Any]:
     timestep = timestep.item() if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 else timestep
     pair_scores = getattr(output, "pair_scores", None)
+    scores = _scores(output).detach().float().cpu()
+    if pair_scores is not None:  # (B, n_pairs) also when a metric gives (B,) for a single pair
+        pair_scores = pair_scores.detach().float().cpu().reshape(scores.shape[0], -1)
     entry = {
         "step": int(step_index),
         "timestep": timestep,
-        "scores": _scores(output).detach().float().cpu(),
-        "pair_scores": None if pair_scores is None else pair_scores.detach().float().cpu(),
+        "scores": scores,
+        "pair_scores": pair_scores,
         "pairs": pairs,
     }
     return entry

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .diffusion import decode_latents, predict_x0
 from .views import PairSpec, resolve_pairs
 
-__all__ = ["MEt3RLoss", "decode_views", "predict_x0"]
+__all__ = ["MEt3RLoss", "decode_views", "masked_pair_scores", "predict_x0"]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -47,6 +47,23 @@ def decode_views(
     else:
         images = decode_latents(vae, latents, size)
     return images.reshape(-1, num_views, *images.shape[1:])
+
+
+def masked_pair_scores(
+    score_map: torch.Tensor, overlap_mask: torch.Tensor, num_pairs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN-free per-pair scores (B, P) and which pairs overlap at all (B, P), from a metric's maps.
+
+    `score_map` and `overlap_mask` are (B, P, H, W), or (B, H, W) when P = 1. The score of a pair is
+    `sum(mask * map) / max(sum(mask), 1)`, with the map zeroed outside the mask first, so a pair without overlap
+    scores an exact 0 with a zero (finite) gradient instead of MEt3R's 0/0 = NaN.
+    """
+    n = score_map.shape[0]
+    score_map = score_map.reshape(n, num_pairs, -1)
+    mask = overlap_mask.reshape(n, num_pairs, -1).to(score_map.dtype)
+    covered = mask.sum(-1)
+    masked = torch.where(mask > 0, score_map, torch.zeros_like(score_map))
+    return (masked * mask).sum(-1) / covered.clamp_min(1), covered > 0
 
 
 class MEt3RLoss(nn.Module):
@@ -125,13 +142,9 @@ class MEt3RLoss(nn.Module):
             output = self.metric(
                 views[start : start + chunk], pairs=pairs, return_score_map=True, return_overlap_mask=True
             )
-            n = output.score_map.shape[0]
-            score_map = output.score_map.reshape(n, len(pairs), -1)
-            mask = output.overlap_mask.reshape(n, len(pairs), -1).to(score_map.dtype)
-            covered = mask.sum(-1)
-            masked = torch.where(mask > 0, score_map, torch.zeros_like(score_map))
-            scores.append((masked * mask).sum(-1) / covered.clamp_min(1))
-            valid.append(covered > 0)
+            chunk_scores, chunk_valid = masked_pair_scores(output.score_map, output.overlap_mask, len(pairs))
+            scores.append(chunk_scores)
+            valid.append(chunk_valid)
         return torch.cat(scores), torch.cat(valid)
 
     def forward(self, views: torch.Tensor, timesteps: torch.Tensor | float | None = None) -> torch.Tensor:

@@ -28,6 +28,10 @@ out.met3r_scores  # [{"step", "timestep", "scores" (B,)}] at every guided step
 Memory: the gradient needs the UNet's and the decoder's activations. `gradient_checkpointing=True` recomputes them
 in the backward pass instead of storing them; `met3r_decode_size` decodes the x0 estimate at a reduced size
 (latents are downscaled first); `met3r_every_n_steps` guides only every N-th step.
+
+Pairs without overlap: with a metric that returns its score map and overlap mask (`MEt3R`) the guided objective
+ignores them (no NaN gradient; see `met3r_diffusers.callbacks.guidance_scores`); with other metrics a sample whose
+gradient is not finite is left unguided at that step.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from met3r_diffusers.callbacks import guidance_scores, zero_nonfinite_samples
 from met3r_diffusers.diffusion import _sample_coefficients, decode_latents, is_flow_matching, predict_x0
 from met3r_diffusers.views import resolve_pairs
 
@@ -271,11 +276,15 @@ class MEt3RGuidedMultiViewPipeline(DiffusionPipeline):
                     if guide:
                         x0 = predict_x0(model_output, x_t, t, self.scheduler)
                         images = decode_latents(self.vae, x0, size=met3r_decode_size)
-                        scores = metric(images.unflatten(0, (num_samples, num_views)), pairs=met3r_pairs).score
-                        (grad,) = torch.autograd.grad(scores.sum(), x_t)
+                        output, objective = guidance_scores(
+                            metric, images.unflatten(0, (num_samples, num_views)), met3r_pairs
+                        )
+                        (grad,) = torch.autograd.grad(objective.sum(), x_t)
+                        scores = output.score if hasattr(output, "score") else output
                         history.append({"step": i, "timestep": t.item(), "scores": scores.detach().float().cpu()})
                 model_output = model_output.detach()
                 if guide:
+                    grad = zero_nonfinite_samples(grad, num_samples)[0].reshape(grad.shape)  # NaN: no guidance
                     if met3r_max_grad_norm is not None:
                         rms = grad.flatten(1).square().mean(1).sqrt().reshape(-1, 1, 1, 1)
                         grad = grad * (met3r_max_grad_norm / rms.clamp_min(1e-12)).clamp(max=1.0)

@@ -408,3 +408,51 @@ def test_guidance_lowers_the_final_score(tmp_path, name):
     assert (guided < plain - 0.02).all(), (plain, guided)
     # the history shows the score falling during guided sampling
     assert (callback.history[-1]["scores"] < callback.history[0]["scores"]).all()
+
+
+def _toy_metric(**kwargs):
+    """training/toy_metric.py's stand-in: MEt3R's full call signature (maps, masks) and NaN for empty overlaps."""
+    import importlib.util
+
+    from _parity import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("toy_metric", REPO_ROOT / "training" / "toy_metric.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FeatureConsistencyMetric(**kwargs)
+
+
+def test_guidance_with_a_pair_without_overlap_stays_finite(sd_pipe):
+    """A NaN pair score (empty overlap) must not turn the guided latents into NaN."""
+    metric = _toy_metric(shift=1, empty_pairs=[(0, 1)])
+    plain = _run(sd_pipe, steps=4, views=3)
+    callback = MEt3RCallback(metric, num_views=3, guidance_scale=0.3)
+    with callback.attach(sd_pipe):
+        guided = _run(sd_pipe, callback, steps=4, views=3)
+    assert torch.isfinite(guided).all()
+    assert not torch.equal(guided, plain)  # pair (1, 2) still guides
+    assert all(torch.isnan(entry["pair_scores"][:, 0]).all() for entry in callback.history)
+    # a metric without maps cannot be made NaN-free: its samples with a NaN gradient are left unguided, with a warning
+    callback = MEt3RCallback(lambda views, pairs: metric(views, pairs=pairs), num_views=3, guidance_scale=0.3)
+    with pytest.warns(UserWarning, match="not finite"), callback.attach(sd_pipe):
+        unguided = _run(sd_pipe, callback, steps=4, views=3)
+    assert torch.equal(unguided, plain)
+
+
+def test_accepts_a_loss_and_single_pair_scores_of_shape_b(sd_pipe):
+    from met3r_diffusers.loss import MEt3RLoss
+
+    metric = _toy_metric(shift=1)
+    callback = MEt3RCallback(MEt3RLoss(metric), num_views=2, every_n_steps=2)
+    assert callback.metric is metric
+
+    def flat_pairs(views, pairs):  # a metric reporting (B,) pair scores for its single pair
+        output = metric(views, pairs=pairs)
+        output.pair_scores = output.pair_scores[:, 0]
+        return output
+
+    callback = MEt3RCallback(flat_pairs, num_views=2, every_n_steps=2)
+    with callback.attach(sd_pipe):
+        _run(sd_pipe, callback, steps=3, views=4)
+    assert all(entry["pair_scores"].shape == (2, 1) for entry in callback.history)
+    assert [row["pair_0_1"] for row in callback.history_rows()[:2]] == callback.history[0]["pair_scores"][:, 0].tolist()

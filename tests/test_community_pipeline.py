@@ -148,3 +148,18 @@ def test_argument_errors(tmp_path, kwargs, match):
     pipe = _from_components(tmp_path)
     with pytest.raises(ValueError, match=match):
         _sample(pipe, **kwargs)
+
+
+def test_guidance_with_a_pair_without_overlap_stays_finite(tmp_path):
+    from test_callbacks import _toy_metric
+
+    pipe = _from_components(tmp_path)
+    metric = _toy_metric(shift=1, empty_pairs=[(0, 1)])
+    plain = _sample(pipe, num_views=3, num_inference_steps=3)
+    guided = _sample(pipe, num_views=3, num_inference_steps=3, metric=metric, met3r_guidance_scale=50.0)
+    assert torch.isfinite(guided.images).all()
+    assert not torch.equal(guided.images, plain.images)  # pair (1, 2) still guides
+    # without maps the NaN gradient cannot be avoided: the sample is left unguided
+    unguided = _sample(pipe, num_views=3, num_inference_steps=3, met3r_guidance_scale=50.0,
+                       metric=lambda views, pairs: metric(views, pairs=pairs))
+    torch.testing.assert_close(unguided.images, plain.images)
