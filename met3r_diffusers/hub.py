@@ -165,8 +165,15 @@ def load_pretrained(
     files = resolve_files(
         name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
     )
-    config = json.loads(files[CONFIG_NAME].read_text())
-    return Checkpoint(config=config, state_dict=load_file(str(files[WEIGHTS_NAME])))
+    try:
+        config = json.loads(files[CONFIG_NAME].read_text())
+    except ValueError as err:
+        raise ValueError(f"{files[CONFIG_NAME]}: not a valid JSON config: {err}") from err
+    try:
+        state_dict = load_file(str(files[WEIGHTS_NAME]))
+    except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+        raise ValueError(f"{files[WEIGHTS_NAME]}: cannot read the weights (truncated or corrupt?): {err}") from err
+    return Checkpoint(config=config, state_dict=state_dict)
 
 
 def save_pretrained(state_dict: dict[str, torch.Tensor], config: dict[str, Any], save_directory: PathLike) -> None:

@@ -80,6 +80,21 @@ def test_naver_pth_with_string_args_and_wrong_class(tmp_path, official_state_dic
         MASt3R.from_pretrained(path)
 
 
+def test_truncated_naver_pth_names_keys(tmp_path, official_state_dict):
+    path = tmp_path / "checkpoint.pth"
+    partial = {k: v for k, v in official_state_dict.items() if not k.startswith("downstream_head2.")}
+    partial["extra.weight"] = torch.zeros(1)
+    torch.save({"args": argparse.Namespace(model=OFFICIAL_STRING), "model": partial}, path)
+    with pytest.raises(ValueError, match=r"missing keys: downstream_head2\.dpt\.") as err:
+        DUSt3R.from_pretrained(path)
+    assert "1 unexpected keys: extra.weight" in str(err.value) and str(path) in str(err.value)
+    # a file cut short (interrupted download)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read this checkpoint"):
+        DUSt3R.from_pretrained(path)
+
+
 class _Unlisted:
     """A class that a weights_only unpickler must refuse to rebuild."""
 
@@ -133,6 +148,12 @@ def test_truncated_or_wrong_checkpoint_names_keys(tmp_path, reference):
     wrong_shape = dict(weights, **{"enc_norm.weight": torch.zeros(7)})
     save_file(wrong_shape, str(tmp_path / "bad" / "model.safetensors"))
     with pytest.raises(ValueError, match="enc_norm.weight"):
+        DUSt3R.from_pretrained(tmp_path / "bad")
+
+    # a file cut short (interrupted download): the error names the file
+    data = (tmp_path / "good" / "model.safetensors").read_bytes()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read the weights"):
         DUSt3R.from_pretrained(tmp_path / "bad")
 
     (tmp_path / "bad" / "model.safetensors").unlink()
