@@ -329,6 +329,16 @@ def test_from_pretrained_local_lightning_checkpoint(tmp_path, state_dict, model)
         DinoFeatUp.from_pretrained(tmp_path / "nothing.ckpt")
 
 
+def test_from_pretrained_local_safetensors(tmp_path, state_dict):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "dino16_jbu.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    loaded = DinoFeatUp.from_pretrained(path)
+    assert not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state_dict.items())
+
+
 def test_from_pretrained_url_uses_cache_and_explains_offline(tmp_path, monkeypatch, state_dict):
     def offline(url, dst, *args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
