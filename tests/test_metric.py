@@ -138,7 +138,8 @@ def test_head_reference_matches_head_fixture(featup):
 def test_injected_features_match_reference_tightly(name):
     ref, _ = _case(name)
     injected = InjectedFeatures(ref["features.injected"])
-    metric = MEt3R(img_size=None, backbone=InjectedGeometry(ref), feature_backbone=injected)
+    # the injected features answer one call for all views: no chunking
+    metric = MEt3R(img_size=None, backbone=InjectedGeometry(ref), feature_backbone=injected, chunk_size=None)
     injected.features.requires_grad_(True)  # as the fixture: a leaf replacing the upsampler after construction
     out, _ = _run(metric, ref["images"], requires_grad=False)
     out.score.nansum().backward()
@@ -165,8 +166,8 @@ def test_full_chain_on_standin_weights(name, featup):
         assert (ours - expected).abs().max() / expected.abs().max() <= 1e-4
     torch.testing.assert_close(conf[:, 0], torch.stack([ref["pred1.conf"], ref["pred2.conf"]], 1), rtol=1e-4, atol=0)
     with torch.no_grad():
-        features = metric._features(ref["images"]).flatten(0, 1).flatten(2)  # (B*2, C, H*W)
-    torch.testing.assert_close(features.norm(dim=1), ref["features.norm"], rtol=1e-4, atol=0)
+        features = metric._features(ref["images"]).flatten(0, 1)  # (B*2, H*W, C)
+    torch.testing.assert_close(features.norm(dim=-1), ref["features.norm"], rtol=1e-4, atol=0)
     out, grad = _run(metric, ref["images"])
     # the random backbone's geometry has no overlap: the reference scores 0, we score NaN and report it
     assert float(ref["mask"].sum()) == 0 and torch.isnan(out.score).all()
@@ -177,7 +178,8 @@ def test_full_chain_on_standin_weights(name, featup):
 
 def test_empty_overlap_is_nan_not_zero():
     ref, _ = _case("given_e_featinject_64x64")
-    metric = MEt3R(img_size=None, backbone=InjectedGeometry(ref), feature_backbone=InjectedFeatures(ref["features.injected"]))
+    metric = MEt3R(img_size=None, backbone=InjectedGeometry(ref), feature_backbone=InjectedFeatures(ref["features.injected"]),
+                   chunk_size=None)
     out = metric(ref["images"])
     assert ref["score"][1] == 0 and math.isnan(out.score[1]) and out.overlap_fraction[1, 0] == 0
     assert out.score[0] == pytest.approx(float(ref["score"][0]), abs=2e-5)

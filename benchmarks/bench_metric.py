@@ -1,0 +1,97 @@
+"""Seconds per pair and peak memory of the whole MEt3R metric on CPU, with a per-stage breakdown.
+
+Full-size MASt3R + DINO/FeatUp with the deterministic stand-in weights of ../shared/parity (no
+download; MET3R_PARITY_DIR overrides the location). Usage:
+
+    python benchmarks/bench_metric.py [--threads 2] [--repeats 2] [--size 256] [--views 2 8] [--bf16]
+
+For each V it scores one sample of V random views (pairs "adjacent": V - 1 pairs) under
+`torch.inference_mode` and prints the median forward time per pair, the time of each stage
+(geometry: MASt3R encoder once per view + decoder/head once per pair; features: DINO + FeatUp once
+per view; render+score: splatting both clouds of every pair and the masked cosine), and the peak
+resident memory (VmHWM, reset before each setting; includes weights and the PyTorch runtime).
+`--bf16` runs under CPU bf16 autocast (the renderer and score always run in float32).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dust3r import PARITY_DIR, _reset_peak, _rss_gib, _standin_model  # noqa: E402
+
+from met3r_diffusers import MEt3R  # noqa: E402
+from met3r_diffusers.models import DinoFeatUp  # noqa: E402
+from met3r_diffusers.views import resolve_pairs  # noqa: E402
+
+
+def _standin_featup() -> DinoFeatUp:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("_parity_weights", PARITY_DIR / "weights.py")
+    weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(weights)
+    manifest = json.loads((PARITY_DIR / "featup" / "dino16_jbu.manifest.json").read_text())
+    model = DinoFeatUp()
+    model.load_state_dict(weights.make_state_dict(manifest["tensors"], seed=0))
+    return model.eval()
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def _measure(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(1, num_views, 3, size, size, generator=generator) * 2 - 1
+    pairs = resolve_pairs("adjacent", num_views)
+    stages: dict[str, list[float]] = {"total": [], "geometry": [], "features": [], "render+score": []}
+    _reset_peak()
+    for _ in range(repeats + 1):  # the first run is a warm-up
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, total = _timed(lambda: metric(images, pairs="adjacent"))
+            (points, conf), geometry = _timed(lambda: metric._geometry(images, pairs))
+            features, feature_time = _timed(lambda: metric._features(images))
+            _, render = _timed(lambda: metric._score_pairs(images, features, points, conf, pairs, False))
+        for key, value in zip(stages, (total, geometry, feature_time, render)):
+            stages[key].append(value)
+    result = {key: statistics.median(values[1:]) for key, values in stages.items()}
+    result["peak_rss_gib"] = _rss_gib("VmHWM")
+    return result
+
+
+def main() -> None:
+    """Run the benchmark and print one block per number of views."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--views", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--bf16", action="store_true", help="CPU bf16 autocast for the networks")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    start = time.perf_counter()
+    metric = MEt3R(img_size=None, backbone=_standin_model("mast3r"), feature_backbone=_standin_featup())
+    print(f"MEt3R (full-size MASt3R + DINO/FeatUp stand-in weights) built in {time.perf_counter() - start:.1f} s; "
+          f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size}"
+          f"{', bf16 autocast' if args.bf16 else ''}; RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
+    for num_views in args.views:
+        result = _measure(metric, num_views, args.size, args.repeats, args.bf16)
+        num_pairs = num_views - 1
+        print(f"V={num_views} adjacent ({num_pairs} pairs): {result['total'] / num_pairs:.2f} s/pair "
+              f"({result['total']:.2f} s per sample), peak RSS {result['peak_rss_gib']:.2f} GiB")
+        print("    stages per sample: " + ", ".join(
+            f"{key} {result[key]:.2f} s" for key in ("geometry", "features", "render+score")))
+
+
+if __name__ == "__main__":
+    main()
