@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dust3r import PARITY_DIR, _reset_peak, _rss_gib, _standin_model  # noqa: E402
+from bench_dust3r import PARITY_DIR, _reset_peak, _rss_gib, _standin_model
 
-from met3r_diffusers import MEt3R  # noqa: E402
-from met3r_diffusers.models import DinoFeatUp  # noqa: E402
-from met3r_diffusers.views import resolve_pairs  # noqa: E402
+from met3r_diffusers import MEt3R
+from met3r_diffusers.models import DinoFeatUp
+from met3r_diffusers.views import resolve_pairs
 
 
 def _standin_featup() -> DinoFeatUp:
@@ -43,9 +43,9 @@ def _standin_featup() -> DinoFeatUp:
     return model.eval()
 
 
-def _timed(fn):
+def _timed(fn, *args):
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     return result, time.perf_counter() - start
 
 
@@ -57,10 +57,10 @@ def _measure(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool)
     _reset_peak()
     for _ in range(repeats + 1):  # the first run is a warm-up
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, total = _timed(lambda: metric(images, pairs="adjacent"))
-            (points, conf), geometry = _timed(lambda: metric._geometry(images, pairs))
-            features, feature_time = _timed(lambda: metric._features(images))
-            _, render = _timed(lambda: metric._score_pairs(images, features, points, conf, pairs, False))
+            _, total = _timed(metric, images, pairs)
+            (points, conf), geometry = _timed(metric._geometry, images, pairs)
+            features, feature_time = _timed(metric._features, images)
+            _, render = _timed(metric._score_pairs, images, features, points, conf, pairs, False)
         for key, value in zip(stages, (total, geometry, feature_time, render)):
             stages[key].append(value)
     result = {key: statistics.median(values[1:]) for key, values in stages.items()}

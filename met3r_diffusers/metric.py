@@ -20,19 +20,25 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distances import FEATURE_DISTANCES, check_distance_available, get_distance, masked_mean, masked_psnr
+from .distances import (
+    FEATURE_DISTANCES,
+    check_distance_available,
+    get_distance,
+    masked_mean,
+    masked_psnr,
+)
 from .geometry import canonical_point_map, estimate_focal
 from .models.dino import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 from .render import render_points
 from .views import PairSpec, resolve_pairs
 
-__all__ = ["MEt3R", "MEt3ROutput", "MEt3REvaluator", "DEFAULT_WEIGHTS", "geometry_from_cameras"]
+__all__ = ["DEFAULT_WEIGHTS", "MEt3R", "MEt3REvaluator", "MEt3ROutput", "geometry_from_cameras"]
 
 # Hugging Face repo ids of the geometry checkpoints the reference uses.
 DEFAULT_WEIGHTS = {
@@ -68,9 +74,9 @@ class MEt3ROutput:
     pair_scores: torch.Tensor  # (B, P) one score per pair; NaN where the overlap is empty
     overlap_fraction: torch.Tensor  # (B, P) fraction of rendered pixels covered in both renderings
     pairs: list[tuple[int, int]]  # the P scored (i, j) pairs, in order
-    overlap_mask: Optional[torch.Tensor] = None  # float 0/1
-    score_map: Optional[torch.Tensor] = None
-    projections: Optional[torch.Tensor] = None  # renderings of view i and view j, 0 where not covered
+    overlap_mask: torch.Tensor | None = None  # float 0/1
+    score_map: torch.Tensor | None = None
+    projections: torch.Tensor | None = None  # renderings of view i and view j, 0 where not covered
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         yield self.score

@@ -6,47 +6,12 @@ import math
 
 import pytest
 import torch
+from _tiny import TINY_MAST3R, PlaneGeometry, TinyFeatures, plane_points, tiny_met3r
 from torch import nn
 
 from met3r_diffusers import MEt3R, MEt3REvaluator, MEt3RLoss
 from met3r_diffusers.metric import geometry_from_cameras
 from met3r_diffusers.models import MASt3R
-
-TINY_MAST3R = {
-    "enc_embed_dim": 64, "enc_depth": 2, "enc_num_heads": 2, "dec_embed_dim": 48, "dec_depth": 10,
-    "dec_num_heads": 2, "img_size": (64, 64),
-}
-FOCAL = 40.0
-
-
-class TinyFeatures(nn.Module):
-    """A fixed random convolution at 1/4 resolution; counts the images it sees."""
-
-    def __init__(self, channels: int = 8):
-        super().__init__()
-        self.conv = nn.Conv2d(3, channels, 4, stride=4)
-        self.images_seen = 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.images_seen += images.shape[0]
-        return self.conv(images)
-
-
-class PlaneGeometry(nn.Module):
-    """Official call signature; a fronto-parallel plane at depth 2 seen by view 1, and view 2's points
-    shifted sideways in proportion to the views' brightness difference (so pairs differ)."""
-
-    def forward(self, view1, view2):
-        img1, img2 = view1["img"], view2["img"]
-        batch, _, height, width = img1.shape
-        v, u = torch.meshgrid(torch.arange(height) - height / 2 + 0.5, torch.arange(width) - width / 2 + 0.5,
-                              indexing="ij")
-        plane = torch.stack([u * 2 / FOCAL, v * 2 / FOCAL, torch.full_like(u, 2.0)], -1).expand(batch, -1, -1, -1)
-        shift = 0.2 * (img2.mean((1, 2, 3)) - img1.mean((1, 2, 3)))
-        other = plane + torch.stack([shift, torch.zeros_like(shift), torch.zeros_like(shift)], -1)[:, None, None]
-        conf1 = 1.5 + img1.mean(1).sigmoid()
-        conf2 = 1.5 + img2.mean(1).sigmoid()
-        return {"pts3d": plane.clone(), "conf": conf1}, {"pts3d_in_other_view": other, "conf": conf2}
 
 
 def _views(batch: int = 2, num_views: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -55,10 +20,7 @@ def _views(batch: int = 2, num_views: int = 4, size: int = 64, seed: int = 0) ->
 
 
 def _metric(**kwargs) -> MEt3R:
-    kwargs.setdefault("backbone", PlaneGeometry())
-    torch.manual_seed(0)
-    kwargs.setdefault("feature_backbone", TinyFeatures())
-    return MEt3R(img_size=None, **kwargs)
+    return tiny_met3r(seed=0, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +137,7 @@ def test_all_pairs_empty_gives_nan_score():
 
 def _plane_pairs(views: torch.Tensor, num_pairs: int) -> dict[str, torch.Tensor]:
     batch, _, _, height, width = views.shape
-    plane, _ = PlaneGeometry()({"img": views[:, 0]}, {"img": views[:, 0]})
-    points = plane["pts3d"][:, None, None].repeat(1, num_pairs, 2, 1, 1, 1)
+    points = plane_points(batch, height, width)[:, None, None].repeat(1, num_pairs, 2, 1, 1, 1)
     return {"pts3d": points, "conf": torch.full((batch, num_pairs, 2, height, width), 2.0)}
 
 
@@ -196,8 +157,7 @@ def test_given_geometry_replaces_the_backbone():
 def test_geometry_from_cameras_puts_points_in_view_i_frame():
     views = _views(batch=1, num_views=3)
     batch, num_views, _, height, width = views.shape
-    v, u = torch.meshgrid(torch.arange(height) - height / 2 + 0.5, torch.arange(width) - width / 2 + 0.5, indexing="ij")
-    camera_points = torch.stack([u * 2 / FOCAL, v * 2 / FOCAL, torch.full_like(u, 2.0)], -1)
+    camera_points = plane_points(1, height, width)[0]
     world_to_camera = torch.eye(4).repeat(batch, num_views, 1, 1)
     world_to_camera[:, 1, 0, 3] = 0.1  # camera 1 is 0.1 to the left of camera 0
     world_points = camera_points - world_to_camera[:, :, None, None, :3, 3]  # (B, V, H, W, 3)
