@@ -196,7 +196,7 @@ def score_command(args: argparse.Namespace) -> int:
         scenes = find_scenes(args.paths)
         report = Report(Path(args.out) if args.out else None, {
             "pairs": args.pairs, "size": args.size, "backbone": args.backbone, "distance": args.distance,
-            "upsampler": args.upsampler,
+            "upsampler": args.upsampler, "bf16": args.bf16,
         })
     except ValueError as error:
         raise SystemExit(f"met3r-diffusers: {error}") from None
@@ -208,7 +208,8 @@ def score_command(args: argparse.Namespace) -> int:
     complete = False
     try:
         for group, views in _batches(scenes, args.size, args.batch_size):
-            with torch.inference_mode():
+            device_type = torch.device(args.device).type
+            with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
                 out = metric(views.to(args.device), pairs=args.pairs,
                              return_score_map=heatmaps is not None, return_overlap_mask=heatmaps is not None)
             for b, (name, files) in enumerate(group):
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hub id, local folder or .pth of the geometry network")
     score.add_argument("--featup-weights", default=os.environ.get("MET3R_FEATUP_WEIGHTS"),
                        help="local path or URL of the FeatUp checkpoint")
+    score.add_argument("--bf16", action="store_true",
+                       help="run the networks under bfloat16 autocast (faster on CPU; not bit-comparable)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -106,6 +106,9 @@ def test_score_csv_report_matches_the_metric(tmp_path, weights):
     views = cli.load_views(sorted((tmp_path / "scene").glob("*.png")), 64)
     expected = metric(views[None]).overlap_fraction[0]
     assert [float(r["overlap"]) for r in rows] == pytest.approx(expected.tolist())
+    bf16 = tmp_path / "bf16.csv"
+    assert cli.main(_args(weights, str(tmp_path / "scene"), "--out", str(bf16), "--bf16")) == 0
+    assert len(list(csv.DictReader(bf16.open()))) == 3
 
 
 def test_interrupt_keeps_the_scenes_scored_so_far(tmp_path, weights, monkeypatch):

@@ -201,6 +201,15 @@ def test_rgb_distances(distance):
         assert 0 <= float(out.score_map[mask].min()) and float(out.score_map[mask].max()) <= 1
 
 
+def test_ssim_distance():
+    pytest.importorskip("torchmetrics")
+    views = _views(batch=1, num_views=2)
+    metric = _metric(distance="ssim")
+    same = metric(views[:, [0, 0]])
+    assert same.score[0] == pytest.approx(1.0, abs=1e-4)  # SSIM: higher = more similar
+    assert float(metric(views).score[0]) < 0.9
+
+
 def test_unknown_or_missing_distance_raises():
     with pytest.raises(ValueError, match="distance must be one of"):
         _metric(distance="l1")
@@ -282,6 +291,31 @@ def test_evaluator_accumulates_like_one_big_batch():
     evaluator.reset()
     with pytest.raises(RuntimeError, match="before any update"):
         evaluator.compute()
+
+
+def _evaluate_shard(rank: int, world_size: int, init_file: str, results: dict) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        views = _views(batch=5, num_views=3)
+        evaluator = MEt3REvaluator(_metric(), pairs="adjacent")
+        shard = views[rank::world_size]  # 3 samples on rank 0, 2 on rank 1
+        evaluator.update(shard)
+        results[rank] = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in evaluator.compute().items()}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_evaluator_syncs_across_processes(tmp_path):
+    manager = torch.multiprocessing.Manager()
+    results = manager.dict()
+    torch.multiprocessing.spawn(_evaluate_shard, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    single = MEt3REvaluator(_metric(), pairs="adjacent")
+    single.update(_views(batch=5, num_views=3))
+    expected = single.compute()
+    for rank in (0, 1):
+        assert results[rank]["num_samples"] == 5
+        assert results[rank]["score"] == pytest.approx(float(expected["score"]), abs=1e-6)
+        assert results[rank]["pair_scores"] == pytest.approx(expected["pair_scores"].tolist(), abs=1e-6)
 
 
 def test_loss_on_the_real_metric_has_gradients():
