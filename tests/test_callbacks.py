@@ -50,7 +50,8 @@ def tiny_clip_tokenizer(directory) -> CLIPTokenizer:
     return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(**kwargs) -> AutoencoderKL:
+    """A seeded two-level AutoencoderKL (4 latent channels, 2x downsampling); kwargs go to its config."""
     torch.manual_seed(0)
     return AutoencoderKL(
         block_out_channels=[8, 16],
@@ -60,7 +61,8 @@ def tiny_vae() -> AutoencoderKL:
         up_block_types=["UpDecoderBlock2D"] * 2,
         latent_channels=4,
         norm_num_groups=4,
-    )
+        **kwargs,
+    ).eval()
 
 
 def tiny_sd_components(directory, scheduler=None) -> dict:
@@ -243,8 +245,16 @@ class _Raiser:
 
 def tiny_svd_pipeline():
     """Tiny StableVideoDiffusionPipeline (32x32 frames, (B, F, 4, 16, 16) latents) with SVD's Euler settings."""
-    from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     torch.manual_seed(0)
     unet = UNetSpatioTemporalConditionModel(

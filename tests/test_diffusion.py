@@ -6,13 +6,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
+from test_callbacks import tiny_vae
 
 from met3r_diffusers import predict_x0
 from met3r_diffusers.diffusion import decode_latents, is_flow_matching
@@ -143,22 +143,8 @@ def test_errors():
         predict_x0(noise[:1], x0, 10, DDPMScheduler())
 
 
-def _tiny_vae(**kwargs):
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=[8, 16],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        **kwargs,
-    ).eval()
-
-
 def test_decode_latents_scaling_and_shift():
-    vae = _tiny_vae(scaling_factor=0.5, shift_factor=0.25)
+    vae = tiny_vae(scaling_factor=0.5, shift_factor=0.25)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         images = decode_latents(vae, latents, clamp=False)
@@ -171,7 +157,7 @@ def test_decode_latents_scaling_and_shift():
 
 
 def test_decode_latents_reduced_size_and_gradient():
-    vae = _tiny_vae()
+    vae = tiny_vae()
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
     images = decode_latents(vae, latents, size=(16, 12))
     assert images.shape == (2, 3, 16, 12)
