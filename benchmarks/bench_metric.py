@@ -54,17 +54,21 @@ def _measure(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool)
     images = torch.rand(1, num_views, 3, size, size, generator=generator) * 2 - 1
     pairs = resolve_pairs("adjacent", num_views)
     stages: dict[str, list[float]] = {"total": [], "geometry": [], "features": [], "render+score": []}
-    _reset_peak()
+    peak = 0.0
     for _ in range(repeats + 1):  # the first run is a warm-up
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, total = _timed(metric, images, pairs)
+            _reset_peak()  # the peak is that of the whole forward alone
+            output, total = _timed(metric, images, pairs)
+            peak = max(peak, _rss_gib("VmHWM"))
+            del output
             (points, conf), geometry = _timed(metric._geometry, images, pairs)
             features, feature_time = _timed(metric._features, images)
             _, render = _timed(metric._score_pairs, images, features, points, conf, pairs, False)
+            del points, conf, features
         for key, value in zip(stages, (total, geometry, feature_time, render)):
             stages[key].append(value)
     result = {key: statistics.median(values[1:]) for key, values in stages.items()}
-    result["peak_rss_gib"] = _rss_gib("VmHWM")
+    result["peak_rss_gib"] = peak
     return result
 
 
@@ -76,13 +80,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--views", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--bf16", action="store_true", help="CPU bf16 autocast for the networks")
+    parser.add_argument("--chunk-size", type=int, default=2, help="MEt3R(chunk_size=...); 0 = everything at once")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    metric = MEt3R(img_size=None, backbone=_standin_model("mast3r"), feature_backbone=_standin_featup())
+    metric = MEt3R(img_size=None, backbone=_standin_model("mast3r"), feature_backbone=_standin_featup(),
+                   chunk_size=args.chunk_size or None)
     print(f"MEt3R (full-size MASt3R + DINO/FeatUp stand-in weights) built in {time.perf_counter() - start:.1f} s; "
-          f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size}"
+          f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size}, chunk_size {args.chunk_size}"
           f"{', bf16 autocast' if args.bf16 else ''}; RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
     for num_views in args.views:
         result = _measure(metric, num_views, args.size, args.repeats, args.bf16)

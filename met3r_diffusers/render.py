@@ -269,7 +269,8 @@ class _WeightedGather(torch.autograd.Function):
         out = F.embedding_bag(
             point, features, offsets, mode="sum", per_sample_weights=weight, include_last_offset=True
         )
-        out.masked_fill_(empty[:, None], background)
+        if background != 0.0:  # an empty bag already sums to 0
+            out.masked_fill_(empty[:, None], background)
         ctx.save_for_backward(weight, features, point, pixel, offsets, by_point)
         return out
 
