@@ -466,3 +466,19 @@ def test_accepts_a_loss_and_single_pair_scores_of_shape_b(sd_pipe):
         _run(sd_pipe, callback, steps=3, views=4)
     assert all(entry["pair_scores"].shape == (2, 1) for entry in callback.history)
     assert [row["pair_0_1"] for row in callback.history_rows()[:2]] == callback.history[0]["pair_scores"][:, 0].tolist()
+
+
+def test_scores_and_guides_with_the_real_metric_class(sd_pipe):
+    """MEt3R itself (plane geometry, random conv features: tests/_tiny.py) inside the callback."""
+    from _tiny import tiny_met3r
+
+    metric = tiny_met3r(seed=0)
+    plain = _run(sd_pipe, steps=4, views=3)
+    callback = MEt3RCallback(metric, num_views=3, pairs="adjacent", every_n_steps=2, guidance_scale=0.3)
+    with callback.attach(sd_pipe):
+        guided = _run(sd_pipe, callback, steps=4, views=3)
+    assert [entry["step"] for entry in callback.history] == [0, 2, 3]
+    for entry in callback.history:
+        assert entry["pair_scores"].shape == (1, 2) and torch.isfinite(entry["pair_scores"]).all()
+        torch.testing.assert_close(entry["scores"], entry["pair_scores"].mean(1))
+    assert torch.isfinite(guided).all() and not torch.equal(guided, plain)

@@ -119,6 +119,19 @@ def test_full_finetune_each_prediction_type(toy_data, tmp_path, prediction_type)
     assert config["num_class_embeds"] >= 3
 
 
+def test_script_with_the_real_metric_class(toy_data, tmp_path):
+    """The script's default factory type: MEt3R itself (tests/_tiny.py: plane geometry, random conv features)."""
+    factory = f"{REPO_ROOT / 'tests' / '_tiny.py'}:tiny_met3r"
+    args = _args(toy_data, tmp_path, "--max_train_steps", "2", "--validation_steps", "2", "--use_lora",
+                 "--met3r_weight", "1.0")
+    args[args.index(TOY_METRIC)] = factory
+    args[args.index('{"shift": 1}')] = '{"seed": 0}'
+    result = _run(*args)
+    assert result["global_step"] == 2
+    (validation,) = result["validation"]
+    assert validation["num_samples"] == 3 and 0 < validation["score"] < 2
+
+
 def test_regulariser_gradient_reaches_lora_parameters(toy_data):
     """λ·MEt3R alone gives finite, non-zero gradients on the LoRA weights, none on the frozen base or the metric."""
     from peft import LoraConfig
