@@ -236,7 +236,7 @@ class MEt3R(nn.Module):
             raise ValueError(
                 f"images are on {images.device} but the metric is on {parameter.device}: move one of them (.to())"
             )
-        if parameter is not None and images.dtype != parameter.dtype and not torch.is_autocast_enabled():
+        if parameter is not None and images.dtype != parameter.dtype and not _autocast_enabled(images.device.type):
             raise ValueError(
                 f"images are {images.dtype} but the metric's weights are {parameter.dtype}: convert the images, "
                 f"the metric (metric.to(dtype)), or run under torch.autocast"
@@ -406,6 +406,13 @@ class MEt3R(nn.Module):
 
 
 # ---------------------------------------------------------------------- construction helpers
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 _SEED_ALIASES = ("feat_backbone", "featup_weights", "dust3r_weights", "use_mast3r_dust3r")
 

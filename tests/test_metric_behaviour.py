@@ -262,6 +262,17 @@ def test_bad_images_raise(images, match):
         _metric()(images)
 
 
+def test_device_and_dtype_mismatch_raise():
+    metric = _metric()
+    with pytest.raises(ValueError, match="metric is on cpu"):
+        metric(torch.zeros(1, 2, 3, 64, 64, device="meta"))
+    low_precision = _metric().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="autocast"):
+        low_precision(_views(batch=1, num_views=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(low_precision(_views(batch=1, num_views=2)).score).all()
+
+
 def test_bad_pairs_raise():
     with pytest.raises(ValueError, match="out of range"):
         _metric()(_views(num_views=3), pairs=[(0, 3)])
