@@ -99,7 +99,7 @@ class MEt3R(nn.Module):
         distance: "cosine" on features (MEt3R), or "mse" / "rmse" / "psnr" / "ssim" / "lpips" on RGB.
         freeze: freeze every weight and keep the networks in eval mode.
         symmetric: score each pair in both directions and average (the paper's formula; the
-            reference code scores one direction).
+            reference code scores one direction); the returned maps are those of the (i, j) direction.
         reference: "seed" (met3r 92a75c6: FeatUp guided by the normalised image, eps 1e-3 / 1e-6)
             or "head" (met3r 3259e41: guided by the [0, 1] image, eps 1e-5 / 1e-5).
         backbone_weights: hub id, local directory or `.pth` for the geometry network.
