@@ -99,7 +99,8 @@ class MEt3R(nn.Module):
         distance: "cosine" on features (MEt3R), or "mse" / "rmse" / "psnr" / "ssim" / "lpips" on RGB.
         freeze: freeze every weight and keep the networks in eval mode.
         symmetric: score each pair in both directions and average (the paper's formula; the
-            reference code scores one direction); the returned maps are those of the (i, j) direction.
+            reference code scores one direction); the returned maps are those of the (i, j) direction, and
+            a pair whose one direction has no overlap gets the other direction's score.
         reference: "seed" (met3r 92a75c6: FeatUp guided by the normalised image, eps 1e-3 / 1e-6)
             or "head" (met3r 3259e41: guided by the [0, 1] image, eps 1e-5 / 1e-5).
         backbone_weights: hub id, local directory or `.pth` for the geometry network.
@@ -208,13 +209,20 @@ class MEt3R(nn.Module):
         wants_grad = torch.is_grad_enabled() and (
             images.requires_grad or any(p.requires_grad for p in self.parameters())
         )
+        # views that no pair uses are neither encoded nor featurised
+        used = sorted({view for pair in directed for view in pair})
+        local = {view: k for k, view in enumerate(used)}
+        directed_local = [(local[i], local[j]) for i, j in directed]
+        views = images if len(used) == num_views else images[:, used]
         with contextlib.nullcontext() if wants_grad else torch.inference_mode():
             if geometry is None:
-                points, conf = self._geometry(images, directed)
+                points, conf = self._geometry(views, directed_local)
             else:
                 points, conf = _check_geometry(geometry, batch, len(directed), images)
-            features = self._features(images)
-            results = self._score_pairs(images, features, points, conf, directed, return_projections)
+            features = self._features(views)
+            results = self._score_pairs(views, features, points, conf, directed_local, return_projections)
+        if not wants_grad:  # ordinary tensors for the caller (inference tensors refuse autograd and in-place edits)
+            results = {key: value.clone() for key, value in results.items()}
         return self._collect(results, pair_list, return_overlap_mask, return_score_map, return_projections)
 
     def _check_images(self, images: torch.Tensor, needs_networks: bool) -> None:
@@ -261,11 +269,10 @@ class MEt3R(nn.Module):
         """Point maps (B, P, 2, H, W, 3) and confidences (B, P, 2, H, W) of the pairs, in view i's frame.
 
         Our DUSt3R / MASt3R encode every view once and decode each pair from the shared tokens; any
-        other backbone is called on the pairs' images.
+        other backbone is called on the pairs' images. At most `chunk_size` (sample, pair) rows at a time.
         """
         batch, num_views = images.shape[:2]
-        first = torch.tensor([i for i, _ in pairs], device=images.device)
-        second = torch.tensor([j for _, j in pairs], device=images.device)
+        sample, first, second = _pair_rows(batch, pairs, images.device)
         shape = tuple(images.shape[-2:])
         shared = hasattr(self.backbone, "encode_views") and hasattr(self.backbone, "decode_pair")
         if shared:
@@ -274,23 +281,20 @@ class MEt3R(nn.Module):
             tokens = torch.cat([t for t, _ in encoded]).unflatten(0, (batch, num_views))
             positions = torch.cat([p for _, p in encoded]).unflatten(0, (batch, num_views))
         points, conf = [], []
-        for part in self._chunks(len(pairs)):
-            i, j = first[part], second[part]
+        for part in self._chunks(sample.shape[0]):
+            b, i, j = sample[part], first[part], second[part]
             if shared:
                 pred1, pred2 = self.backbone.decode_pair(
-                    tokens[:, i].flatten(0, 1), positions[:, i].flatten(0, 1),
-                    tokens[:, j].flatten(0, 1), positions[:, j].flatten(0, 1),
-                    shape, shape, descriptors=False,
+                    tokens[b, i], positions[b, i], tokens[b, j], positions[b, j], shape, shape, descriptors=False
                 )
             else:
                 pred1, pred2 = self.backbone(
-                    {"img": images[:, i].flatten(0, 1), "instance": [""]},
-                    {"img": images[:, j].flatten(0, 1), "instance": [""]},
+                    {"img": images[b, i], "instance": [""]}, {"img": images[b, j], "instance": [""]}
                 )
-            size = (batch, len(i))
-            points.append(torch.stack([pred1["pts3d"], pred2["pts3d_in_other_view"]], 1).unflatten(0, size))
-            conf.append(torch.stack([pred1["conf"], pred2["conf"]], 1).unflatten(0, size))
-        return torch.cat(points, 1).float(), torch.cat(conf, 1).float()
+            points.append(torch.stack([pred1["pts3d"], pred2["pts3d_in_other_view"]], 1))
+            conf.append(torch.stack([pred1["conf"], pred2["conf"]], 1))
+        size = (batch, len(pairs))
+        return torch.cat(points).unflatten(0, size).float(), torch.cat(conf).unflatten(0, size).float()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         """Per-pixel features of every view, channels last (B, V, H*W, C): upsampled DINO features, or the
@@ -325,24 +329,22 @@ class MEt3R(nn.Module):
         pairs: list[tuple[int, int]],
         keep_projections: bool,
     ) -> dict[str, torch.Tensor]:
-        """Render and score every pair: dict of (B, P, ...) tensors."""
+        """Render and score every pair, at most `chunk_size` (sample, pair) rows at a time: (B, P, ...) tensors."""
         batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
         render_size = (height, width) if self.img_size is None else (self.img_size, self.img_size)
+        sample, first, second = _pair_rows(batch, pairs, images.device)
+        points, conf = points.flatten(0, 1), conf.flatten(0, 1)  # (B*P, 2, H, W, 3), (B*P, 2, H, W)
         results: dict[str, list[torch.Tensor]] = {"score": [], "fraction": [], "mask": [], "map": [], "proj": []}
-        for part in self._chunks(len(pairs)):
-            chunk = pairs[part]
-            num = len(chunk)
-            pts, cf = points[:, part], conf[:, part]  # (B, n, 2, H, W, 3), (B, n, 2, H, W)
-            canon = canonical_point_map(
-                pts[:, :, 0].flatten(0, 1), pts[:, :, 1].flatten(0, 1), cf[:, :, 0].flatten(0, 1), cf[:, :, 1].flatten(0, 1)
-            )
-            focal = estimate_focal(canon).repeat_interleave(2, dim=0)  # (B*n*2, 2), rows (b, pair, k)
-            index = torch.tensor(chunk, device=features.device)  # (n, 2): view i, view j
-            cloud_features = features[:, index].flatten(0, 2)  # (B*n*2, H*W, C), rows (b, pair, k)
-            # rendering runs in float32 outside autocast, as in the reference
+        for part in self._chunks(sample.shape[0]):
+            pts, cf = points[part], conf[part]
+            canon = canonical_point_map(pts[:, 0], pts[:, 1], cf[:, 0], cf[:, 1])
+            focal = estimate_focal(canon).repeat_interleave(2, dim=0)  # both clouds of a row share view i's camera
+            views = torch.stack([first[part], second[part]], 1)  # (n, 2): view i, view j
+            cloud_features = features[sample[part, None], views].flatten(0, 1)  # (n*2, H*W, C), rows (row, k)
+            # rendering and scoring run in float32 outside autocast, as in the reference
             with torch.autocast(device_type=images.device.type, enabled=False):
                 rendered = render_points(
-                    pts.flatten(0, 2).flatten(1, 2).float(),
+                    pts.flatten(0, 1).flatten(1, 2).float(),
                     cloud_features.float(),
                     focal.float(),
                     image_size=render_size,
@@ -350,22 +352,18 @@ class MEt3R(nn.Module):
                     points_per_pixel=self.points_per_pixel,
                     background=0.0,
                 )
-            # (B*n*2, Hr, Wr, C) -> (B*n, 2, C, Hr, Wr); pixels without any point are 0
-            projections = rendered.images.permute(0, 3, 1, 2).unflatten(0, (batch * num, 2))
-            covered = (rendered.idx[..., 0] >= 0).unflatten(0, (batch * num, 2))
-            mask = covered.all(dim=1).to(projections.dtype)  # (B*n, Hr, Wr)
-            score_map = self._distance_fn(projections[:, 0], projections[:, 1])
-            if self.distance == "psnr":
-                score = masked_psnr(score_map, mask, self._mean_eps)
-            else:
-                score = masked_mean(score_map, mask, self._mean_eps)
-            results["score"].append(score.unflatten(0, (batch, num)))
-            results["fraction"].append(mask.mean((-2, -1)).unflatten(0, (batch, num)))
-            results["mask"].append(mask.unflatten(0, (batch, num)))
-            results["map"].append(score_map.unflatten(0, (batch, num)))
+                # (n*2, Hr, Wr, C) -> (n, 2, C, Hr, Wr); pixels without any point are 0
+                projections = rendered.images.permute(0, 3, 1, 2).unflatten(0, (-1, 2))
+                mask = (rendered.idx[..., 0] >= 0).unflatten(0, (-1, 2)).all(dim=1).to(projections.dtype)
+                score_map = self._distance_fn(projections[:, 0], projections[:, 1])
+                mean = masked_psnr if self.distance == "psnr" else masked_mean
+                results["score"].append(mean(score_map, mask, self._mean_eps))
+            results["fraction"].append(mask.mean((-2, -1)))
+            results["mask"].append(mask)
+            results["map"].append(score_map)
             if keep_projections:
-                results["proj"].append(projections.unflatten(0, (batch, num)))
-        return {key: torch.cat(value, 1) for key, value in results.items() if value}
+                results["proj"].append(projections)
+        return {key: torch.cat(value).unflatten(0, (batch, len(pairs))) for key, value in results.items() if value}
 
     def _collect(
         self,
@@ -406,6 +404,13 @@ class MEt3R(nn.Module):
 
 
 # ---------------------------------------------------------------------- construction helpers
+
+
+def _pair_rows(batch: int, pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Sample index, view i and view j of every (sample, pair) row, rows in (b, pair) order: three (B*P,) tensors."""
+    index = torch.tensor(pairs, device=device)  # (P, 2)
+    sample = torch.arange(batch, device=device).repeat_interleave(len(pairs))
+    return sample, index[:, 0].repeat(batch), index[:, 1].repeat(batch)
 
 
 def _autocast_enabled(device_type: str) -> bool:

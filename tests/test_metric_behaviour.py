@@ -33,7 +33,7 @@ def tiny_mast3r() -> MASt3R:
 
 
 def test_per_view_work_runs_once_per_view(tiny_mast3r, monkeypatch):
-    calls = {"encoded": 0, "decoded": 0}
+    calls, largest = {"encoded": 0, "decoded": 0}, []
     encode, decode = tiny_mast3r.encode_views, tiny_mast3r.decode_pair
 
     def counting_encode(images):
@@ -42,6 +42,7 @@ def test_per_view_work_runs_once_per_view(tiny_mast3r, monkeypatch):
 
     def counting_decode(tokens1, *args, **kwargs):
         calls["decoded"] += tokens1.shape[0]
+        largest.append(tokens1.shape[0])
         return decode(tokens1, *args, **kwargs)
 
     monkeypatch.setattr(tiny_mast3r, "encode_views", counting_encode)
@@ -51,6 +52,7 @@ def test_per_view_work_runs_once_per_view(tiny_mast3r, monkeypatch):
     out = metric(_views(batch=2, num_views=5), pairs="adjacent")
     assert features.images_seen == 2 * 5  # V per sample, not 2 (V - 1)
     assert calls == {"encoded": 2 * 5, "decoded": 2 * 4}
+    assert max(largest) == 2  # chunk_size bounds the (sample, pair) rows decoded at once, whatever B
     assert out.pair_scores.shape == (2, 4) and out.pairs == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
@@ -81,9 +83,17 @@ def test_multi_view_equals_scoring_each_pair_alone(pairs):
     assert (out.overlap_fraction > 0.05).all()
 
 
+def test_unused_views_are_not_processed():
+    metric = _metric()
+    views = _views(batch=2, num_views=6)
+    out = metric(views, pairs=[(4, 1)])
+    assert metric.feature_backbone.images_seen == 2 * 2
+    torch.testing.assert_close(out.score, metric(views[:, [4, 1]]).score)
+
+
 def test_chunking_does_not_change_results():
     views = _views(batch=2, num_views=4)
-    full = _metric()(views, pairs="all", return_score_map=True)
+    full = _metric(chunk_size=None)(views, pairs="all", return_score_map=True)
     chunked = _metric(chunk_size=1)(views, pairs="all", return_score_map=True)
     torch.testing.assert_close(chunked.pair_scores, full.pair_scores)
     torch.testing.assert_close(chunked.score_map, full.score_map)
@@ -99,10 +109,19 @@ def test_symmetric_averages_both_directions():
     assert not torch.allclose(forward, backward)
 
 
-def test_inference_mode_without_gradient_and_grad_with_it():
+def test_inference_mode_without_gradient_and_grad_with_it(monkeypatch):
     metric = _metric()
     views = _views(batch=1, num_views=2)
-    assert metric(views).score.is_inference()
+    seen = []
+    features = metric._features
+    monkeypatch.setattr(metric, "_features", lambda images: seen.append(torch.is_inference_mode_enabled()) or features(images))
+    out = metric(views, return_score_map=True)
+    assert seen == [True]
+    # what the caller gets is an ordinary tensor: usable in autograd and editable in place
+    assert not out.score.is_inference() and not out.score_map.is_inference()
+    weight = torch.ones(1, requires_grad=True)
+    (weight * out.score).sum().backward()
+    out.score_map[out.score_map > 1] = 1
     views.requires_grad_(True)
     out = metric(views)
     assert not out.score.is_inference()
