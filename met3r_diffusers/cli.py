@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, _natural_key
+from .distances import DISTANCES, dissimilarity
 from .views import PAIR_MODES
 
 _MULTIPLE = 16  # DUSt3R and DINO need image sides that are multiples of the 16-pixel patch
@@ -39,25 +40,39 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def find_scenes(paths: Sequence[str]) -> list[tuple[str, list[Path]]]:
-    """Expand PATH arguments into (scene name, ordered view files); raises ValueError for unusable paths."""
+    """Expand PATH arguments into (scene name, ordered view files); raises ValueError for unusable paths.
+
+    An existing path is taken literally (even with glob characters in its name); otherwise it is a glob,
+    whose folders without images are skipped with a warning. A scene given twice is scored once.
+    """
     scenes: list[tuple[str, list[Path]]] = []
+    seen: set[tuple[Path, ...]] = set()
     for argument in paths:
-        matches = [Path(m) for m in sorted(glob.glob(argument), key=_natural_key)] or [Path(argument)]
+        literal = Path(argument)
+        matches = [literal] if literal.exists() else [Path(m) for m in sorted(glob.glob(argument), key=_natural_key)]
+        found = []
         files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
         if files:
-            scenes.append((argument, files))
+            found.append((argument, files))
         for folder in (m for m in matches if m.is_dir()):
             views = _images_in(folder)
-            if views:
-                scenes.append((str(folder), views))
-                continue
-            subfolders = sorted((d for d in folder.iterdir() if d.is_dir()), key=lambda d: _natural_key(d.name))
-            nested = [(str(d), _images_in(d)) for d in subfolders]
-            scenes.extend(scene for scene in nested if scene[1])
-            if not any(scene[1] for scene in nested):
-                raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or in its subfolders")
-        if not files and not any(m.is_dir() for m in matches):
-            raise ValueError(f"{argument}: no such folder, and the pattern matches no image or folder")
+            subfolders = [] if views else sorted((d for d in folder.iterdir() if d.is_dir()),
+                                                 key=lambda d: _natural_key(d.name))
+            nested = [(str(folder), views)] if views else [(str(d), _images_in(d)) for d in subfolders]
+            nested = [scene for scene in nested if scene[1]]
+            if not nested:
+                message = f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or in its subfolders"
+                if folder == literal:
+                    raise ValueError(message)
+                print(f"met3r-diffusers: skipping {message}", file=sys.stderr)
+            found.extend(nested)
+        if not found:
+            raise ValueError(f"{argument}: no such folder, and the pattern matches no image or folder of images")
+        for name, views in found:
+            key = tuple(view.resolve() for view in views)
+            if key not in seen:
+                seen.add(key)
+                scenes.append((name, views))
     for name, views in scenes:
         if len(views) < 2:
             raise ValueError(f"{name}: a scene needs at least 2 views, found {len(views)}")
@@ -87,7 +102,7 @@ def load_views(files: Sequence[Path], size: int | None) -> torch.Tensor:
 
 
 def heatmap_overlay(view: torch.Tensor, score_map: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """(3, H, W) view in [-1, 1], (H, W) score map and overlap mask -> (H, W, 3) uint8 picture.
+    """(3, H, W) view in [-1, 1], (H, W) dissimilarity map and overlap mask -> (H, W, 3) uint8 picture.
 
     Inside the overlap the view is blended with the score (blue = 0 consistent, red >= 1); outside it
     is shaded dark grey.
@@ -124,10 +139,16 @@ class Report:
             ],
         })
 
+    def add_error(self, name: str, files: Sequence[Path], error: Exception) -> None:
+        """Record a scene that could not be read (it is reported, not scored)."""
+        self.scenes.append({"scene": name, "views": [str(f) for f in files], "score": None, "pairs": [],
+                            "error": f"{type(error).__name__}: {error}"})
+
     def summary(self) -> dict[str, Any]:
-        scores = [s["score"] for s in self.scenes if s["score"] is not None]
-        return {"num_scenes": len(self.scenes), "num_empty": len(self.scenes) - len(scores),
-                "mean_score": sum(scores) / len(scores) if scores else None}
+        scored = [s for s in self.scenes if "error" not in s]
+        scores = [s["score"] for s in scored if s["score"] is not None]
+        return {"num_scenes": len(self.scenes), "num_errors": len(self.scenes) - len(scored),
+                "num_empty": len(scored) - len(scores), "mean_score": sum(scores) / len(scores) if scores else None}
 
     def write(self, complete: bool) -> None:
         if self.path is None:
@@ -140,21 +161,29 @@ class Report:
                 json.dump(content, handle, indent=2)
             else:
                 writer = csv.writer(handle)
-                writer.writerow(["scene", "scene_score", "i", "j", "view_i", "view_j", "pair_score", "overlap"])
+                writer.writerow(["scene", "scene_score", "i", "j", "view_i", "view_j", "pair_score", "overlap", "error"])
                 for scene in self.scenes:
+                    if "error" in scene:
+                        writer.writerow([scene["scene"], "", "", "", "", "", "", "", scene["error"]])
                     for pair in scene["pairs"]:
                         writer.writerow([scene["scene"], scene["score"], pair["i"], pair["j"], pair["view_i"],
-                                         pair["view_j"], pair["score"], pair["overlap"]])
+                                         pair["view_j"], pair["score"], pair["overlap"], ""])
         os.replace(partial, self.path)
 
 
-def _batches(scenes: list[tuple[str, list[Path]]], size: int | None, batch_size: int
+def _batches(scenes: list[tuple[str, list[Path]]], size: int | None, batch_size: int, report: Report
              ) -> Iterator[tuple[list[tuple[str, list[Path]]], torch.Tensor]]:
-    """Consecutive scenes of equal shape, up to `batch_size` at a time, with their views (b, V, 3, H, W)."""
+    """Consecutive scenes of equal shape, up to `batch_size` at a time, with their views (b, V, 3, H, W).
+    Scenes that cannot be read are recorded in the report and skipped."""
     group: list[tuple[str, list[Path]]] = []
     tensors: list[torch.Tensor] = []
     for scene in scenes:
-        views = load_views(scene[1], size)
+        try:
+            views = load_views(scene[1], size)
+        except (ValueError, OSError) as error:
+            print(f"met3r-diffusers: skipping {scene[0]}: {error}", file=sys.stderr)
+            report.add_error(*scene, error)
+            continue
         if tensors and (views.shape != tensors[0].shape or len(group) == batch_size):
             yield group, torch.stack(tensors)
             group, tensors = [], []
@@ -207,7 +236,7 @@ def score_command(args: argparse.Namespace) -> int:
     progress = tqdm(total=len(scenes), unit="scene", desc="MEt3R", disable=args.quiet)
     complete = False
     try:
-        for group, views in _batches(scenes, args.size, args.batch_size):
+        for group, views in _batches(scenes, args.size, args.batch_size, report):
             device_type = torch.device(args.device).type
             with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
                 out = metric(views.to(args.device), pairs=args.pairs,
@@ -216,23 +245,21 @@ def score_command(args: argparse.Namespace) -> int:
                 report.add(name, files, float(out.score[b]), out.pairs, out.pair_scores[b].tolist(),
                            out.overlap_fraction[b].tolist())
                 if heatmaps is not None:
-                    _write_heatmaps(heatmaps, name, files, views[b], out, b)
+                    _write_heatmaps(heatmaps, len(report.scenes) - 1, name, files, views[b], out, b, args.distance)
             report.write(complete=False)
             progress.update(len(group))
         complete = True
+        progress.update(len(scenes) - progress.n)  # scenes that could not be read
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(report.scenes)} of {len(scenes)} scenes scored", file=sys.stderr)
-    except ValueError as error:
-        print(f"met3r-diffusers: {error}", file=sys.stderr)
-        report.write(complete=False)
-        return 2
-    finally:
+    finally:  # also on an unexpected error: what was scored stays on disk
         progress.close()
-    report.write(complete=complete)
+        report.write(complete=complete)
     summary = report.summary()
     mean = summary["mean_score"]
     print(f"{summary['num_scenes']} scenes, mean MEt3R {'n/a' if mean is None else f'{mean:.4f}'}"
           + (f" ({summary['num_empty']} without overlap)" if summary["num_empty"] else "")
+          + (f", {summary['num_errors']} unreadable" if summary["num_errors"] else "")
           + (f", report: {args.out}" if args.out else ""))
     if not args.out:
         for scene in report.scenes:
@@ -240,20 +267,22 @@ def score_command(args: argparse.Namespace) -> int:
     return 0 if complete else 130
 
 
-def _write_heatmaps(folder: Path, name: str, files: Sequence[Path], views: torch.Tensor, out, b: int) -> None:
+def _write_heatmaps(folder: Path, index: int, name: str, files: Sequence[Path], views: torch.Tensor, out, b: int,
+                    distance: str) -> None:
+    """One PNG per pair, named `<scene number>_<scene>_<view i>_<view j>.png` (the number keeps names unique)."""
     maps = out.score_map[b].reshape(-1, *out.score_map.shape[-2:])
     masks = out.overlap_mask[b].reshape(-1, *out.overlap_mask.shape[-2:])
-    scene = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
+    scene = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).stem or name)
     for (i, j), score_map, mask in zip(out.pairs, maps, masks):
-        picture = heatmap_overlay(views[i], score_map, mask)
-        Image.fromarray(picture).save(folder / f"{scene}_{files[i].stem}_{files[j].stem}.png")
+        picture = heatmap_overlay(views[i], dissimilarity(distance, score_map), mask)
+        Image.fromarray(picture).save(folder / f"{index:04d}_{scene}_{files[i].stem}_{files[j].stem}.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `met3r-diffusers` argument parser."""
     parser = argparse.ArgumentParser(prog="met3r-diffusers", description="MEt3R multi-view consistency.")
     commands = parser.add_subparsers(dest="command", required=True)
-    score = commands.add_parser("score", help="score folders of views (lower = more consistent)")
+    score = commands.add_parser("score", help="score folders of views (MEt3R: lower = more consistent)")
     score.add_argument("paths", nargs="+", metavar="PATH", help="folder of views, folder of scene folders, or glob")
     score.add_argument("--pairs", default="adjacent", choices=PAIR_MODES, help="view pairs to score")
     score.add_argument("--size", type=int, default=256,
@@ -263,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="report file, .json or .csv")
     score.add_argument("--heatmaps", metavar="DIR", help="write one score-map PNG per pair here")
     score.add_argument("--backbone", default="mast3r", choices=("mast3r", "dust3r"))
-    score.add_argument("--distance", default="cosine", choices=("cosine", "mse", "rmse", "psnr", "ssim", "lpips"))
+    score.add_argument("--distance", default="cosine", choices=DISTANCES,
+                       help="cosine on DINO/FeatUp features (MEt3R), or one on RGB (psnr/ssim: higher = consistent)")
     score.add_argument("--upsampler", default="featup", choices=("featup", "bilinear", "nearest", "bicubic"))
     score.add_argument("--backbone-weights", default=os.environ.get("MET3R_BACKBONE_WEIGHTS"),
                        help="hub id, local folder or .pth of the geometry network")

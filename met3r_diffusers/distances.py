@@ -6,8 +6,10 @@ returns a per-pixel map `(N, H, W)`; `masked_mean` turns a map and an overlap ma
 * ``cosine`` (MEt3R's default, on DINO/FeatUp features): ``1 - <a, b> / (|a| |b| + eps)`` with
   the eps added to the product of the norms, as the reference implementation does.
 * ``mse``, ``rmse``, ``psnr``, ``ssim``, ``lpips`` compare rendered RGB images in [0, 1] (the
-  newer MEt3R's behaviour for non-cosine distances). ``psnr`` is the only one where *higher*
-  means more consistent. ``ssim`` needs `torchmetrics`, ``lpips`` the `lpips` package.
+  newer MEt3R's behaviour for non-cosine distances). For ``psnr`` and ``ssim`` *higher* means
+  more consistent. ``rmse`` is, as in the newer MEt3R, the masked mean of per-pixel RMSEs;
+  ``psnr`` is that of the masked mean squared error. ``ssim`` needs `torchmetrics`, ``lpips``
+  the `lpips` package. `dissimilarity` maps every score map to "0 = identical" for display.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Callable
 import torch
 
 DISTANCES = ("cosine", "mse", "rmse", "psnr", "ssim", "lpips")
+# distances whose scores grow with similarity
+HIGHER_IS_BETTER = ("psnr", "ssim")
 # distances that compare features (everything else compares RGB renderings)
 FEATURE_DISTANCES = ("cosine",)
 # PSNR's per-pixel MSE floor: identical pixels read 100 dB instead of +inf
@@ -80,6 +84,15 @@ def get_distance(name: str, eps: float = 1e-3) -> Callable[[torch.Tensor, torch.
     if name == "lpips":
         return _LPIPS()
     raise ValueError(f"distance must be one of {DISTANCES}, got {name!r}")
+
+
+def dissimilarity(name: str, score_map: torch.Tensor) -> torch.Tensor:
+    """A score map of distance `name` as a dissimilarity (0 = identical): 1 - SSIM, the MSE behind a PSNR."""
+    if name == "ssim":
+        return 1 - score_map
+    if name == "psnr":
+        return 10 ** (-score_map / 10)
+    return score_map
 
 
 def check_distance_available(name: str) -> None:

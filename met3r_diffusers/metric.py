@@ -62,7 +62,7 @@ ImageSize = Union[int, Sequence[int], None]
 
 @dataclass
 class MEt3ROutput:
-    """Result of `MEt3R.forward`. Lower scores are more consistent (except for distance="psnr").
+    """Result of `MEt3R.forward`. Lower scores are more consistent (higher for distance="psnr" / "ssim").
 
     With a single pair the maps have no pair dimension: `overlap_mask`, `score_map` (B, H, W),
     `projections` (B, 2, C, H, W); with P > 1 pairs they are (B, P, H, W) and (B, P, 2, C, H, W).
@@ -106,8 +106,8 @@ class MEt3R(nn.Module):
         backbone_weights: hub id, local directory or `.pth` for the geometry network.
         feature_backbone_weights: local path or URL of the FeatUp checkpoint (default: the official one).
         radius, points_per_pixel: point rendering settings (NDC radius, points kept per pixel).
-        chunk_size: at most this many views (features, encoder) or pairs (decoder, rendering) per
-            batch, bounding peak memory (the default keeps V=8 at 256x256 under 6 GB on CPU); None
+        chunk_size: at most this many views (features, encoder) or (sample, pair) rows (decoder,
+            rendering) per batch, bounding peak memory (the default keeps V=8 at 256x256 under 6 GB on CPU); None
             processes everything at once (faster on a large GPU).
         cache_dir, local_files_only: passed to the weight downloads.
 

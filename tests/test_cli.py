@@ -56,6 +56,15 @@ def test_find_scenes_folders_nested_and_globs(tmp_path):
     assert len(cli.find_scenes([str(tmp_path / "root" / "*")])) == 3
     with pytest.raises(ValueError, match="no such folder"):
         cli.find_scenes([str(tmp_path / "missing")])
+    # a glob skips folders without images; a folder named explicitly must have some
+    (tmp_path / "root" / "logs").mkdir()
+    assert len(cli.find_scenes([str(tmp_path / "root" / "*")])) == 3
+    with pytest.raises(ValueError, match="no images"):
+        cli.find_scenes([str(tmp_path / "root" / "logs")])
+    # the same scene twice is scored once; an existing path with glob characters is taken literally
+    assert len(cli.find_scenes([str(tmp_path / "root" / "a"), str(tmp_path / "root" / "a")])) == 1
+    _write_scene(tmp_path / "odd[1]", 2)
+    assert len(cli.find_scenes([str(tmp_path / "odd[1]")])) == 1
     (tmp_path / "single").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "single" / "only.png")
     with pytest.raises(ValueError, match="at least 2 views"):
@@ -87,8 +96,8 @@ def test_score_json_report_and_heatmaps(tmp_path, weights, capsys):
         for pair in scene["pairs"]:
             assert (pair["score"] is None) == (pair["overlap"] == 0)
     pngs = sorted(p.name for p in maps.glob("*.png"))
-    assert len(pngs) == 6 and "first_view_0_view_2.png" in pngs
-    with Image.open(maps / "first_view_0_view_2.png") as picture:
+    assert len(pngs) == 6 and "0000_first_view_0_view_2.png" in pngs and "0001_second_view_1_view_2.png" in pngs
+    with Image.open(maps / "0000_first_view_0_view_2.png") as picture:
         assert picture.size == (64, 64) and picture.mode == "RGB"
     assert "2 scenes" in capsys.readouterr().out
 
@@ -129,6 +138,21 @@ def test_interrupt_keeps_the_scenes_scored_so_far(tmp_path, weights, monkeypatch
     report = json.loads(out.read_text())
     assert not report["complete"] and [Path(s["scene"]).name for s in report["scenes"]] == ["s0", "s1"]
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_unreadable_scene_is_reported_and_skipped(tmp_path, weights):
+    _write_scene(tmp_path / "scenes" / "a_good", 2)
+    _write_scene(tmp_path / "scenes" / "b_broken", 2)
+    (tmp_path / "scenes" / "b_broken" / "view_1.png").write_bytes(b"not a png")
+    _write_scene(tmp_path / "scenes" / "c_mixed", 2)
+    Image.new("RGB", (96, 64)).save(tmp_path / "scenes" / "c_mixed" / "view_1.png")
+    out = tmp_path / "report.json"
+    assert cli.main(_args(weights, str(tmp_path / "scenes"), "--out", str(out), "--size", "0")) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["num_errors"] == 2 and report["num_scenes"] == 3
+    errors = {Path(s["scene"]).name: s.get("error") for s in report["scenes"]}
+    assert errors["a_good"] is None and "UnidentifiedImageError" in errors["b_broken"]
+    assert "share a size" in errors["c_mixed"]
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path, weights):

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from met3r_diffusers import MEt3R, MEt3ROutput
 from met3r_diffusers.geometry import canonical_point_map, estimate_focal
-from met3r_diffusers.models import DUSt3R, MASt3R, DinoFeatUp
+from met3r_diffusers.models import DinoFeatUp, DUSt3R, MASt3R
 
 FEATUP_MANIFEST = ("featup", "dino16_jbu.manifest.json")
 GIVEN = ["given_a_64x64", "given_b_64x64_imgsize64", "given_c2_64x96", "given_d_64x64_imgsize128"]
