@@ -17,7 +17,8 @@ def resolve_pairs(pairs: PairSpec, num_views: int) -> list[tuple[int, int]]:
     """Turn a pair specification into an explicit list of (i, j) view-index pairs.
 
     `None` means the single pair (0, 1) for two views and "adjacent" for more.
-    "adjacent": (0,1), (1,2), ...; "all": every i < j; "reference": (0, j) for j >= 1.
+    "adjacent": (0,1), (1,2), ...; "all": every i < j; "reference": (0, j) for j >= 1; a single
+    (i, j) or a list of them is taken as given.
     """
     if num_views < 2:
         raise ValueError(f"num_views must be at least 2 to form a pair, got {num_views}")
@@ -31,6 +32,8 @@ def resolve_pairs(pairs: PairSpec, num_views: int) -> list[tuple[int, int]]:
         if pairs == "reference":
             return [(0, j) for j in range(1, num_views)]
         raise ValueError(f"pairs must be one of {PAIR_MODES} or a list of (i, j), got {pairs!r}")
+    if len(pairs) == 2 and all(isinstance(v, int) for v in pairs):  # a single (i, j)
+        pairs = [pairs]
     result = []
     for pair in pairs:
         if len(pair) != 2:

@@ -97,3 +97,9 @@ def test_parse_errors():
             ViewLayout.parse(bad)
     with pytest.raises(TypeError, match="layout"):
         ViewLayout.parse(3)
+
+
+def test_a_single_pair_tuple():
+    assert resolve_pairs((2, 0), 3) == [(2, 0)]
+    assert resolve_pairs([1, 2], 3) == [(1, 2)]
+    assert resolve_pairs([(1, 2)], 3) == [(1, 2)]
