@@ -13,14 +13,13 @@ returns a per-pixel map `(N, H, W)`; `masked_mean` turns a map and an overlap ma
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Callable
 
 import torch
 
 DISTANCES = ("cosine", "mse", "rmse", "psnr", "ssim", "lpips")
-# distances whose scores grow with similarity
-HIGHER_IS_BETTER = ("psnr", "ssim")
 # distances that compare features (everything else compares RGB renderings)
 FEATURE_DISTANCES = ("cosine",)
 # PSNR's per-pixel MSE floor: identical pixels read 100 dB instead of +inf
@@ -49,10 +48,8 @@ def psnr_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def ssim_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-pixel SSIM map averaged over channels (needs torchmetrics; higher = more similar)."""
-    try:
-        from torchmetrics.functional.image import structural_similarity_index_measure
-    except ImportError as error:
-        raise ImportError("distance='ssim' needs torchmetrics: pip install torchmetrics") from error
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _, full = structural_similarity_index_measure(a, b, data_range=1.0, return_full_image=True)
     return full.mean(1)
 
@@ -65,17 +62,18 @@ class _LPIPS:
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.model is None:
-            try:
-                import lpips
-            except ImportError as error:
-                raise ImportError("distance='lpips' needs the lpips package: pip install lpips") from error
+            import lpips
+
             self.model = lpips.LPIPS(net="alex", spatial=True, verbose=False).eval().requires_grad_(False)
         self.model.to(a.device)
         return self.model(2 * a - 1, 2 * b - 1)[:, 0]
 
 
 def get_distance(name: str, eps: float = 1e-3) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The per-pixel distance function called `name` (see DISTANCES)."""
+    """The per-pixel distance function called `name` (see DISTANCES); ImportError now if it needs a missing package."""
+    needs = {"ssim": "torchmetrics", "lpips": "lpips"}
+    if name in needs and importlib.util.find_spec(needs[name]) is None:
+        raise ImportError(f"distance={name!r} needs the {needs[name]} package: pip install {needs[name]}")
     if name == "cosine":
         return lambda a, b: cosine_distance(a, b, eps)
     functions = {"mse": mse_distance, "rmse": rmse_distance, "psnr": psnr_distance, "ssim": ssim_distance}
@@ -93,15 +91,6 @@ def dissimilarity(name: str, score_map: torch.Tensor) -> torch.Tensor:
     if name == "psnr":
         return 10 ** (-score_map / 10)
     return score_map
-
-
-def check_distance_available(name: str) -> None:
-    """Raise ImportError now (not at the first score) when `name` needs a package that is missing."""
-    import importlib.util
-
-    needs = {"ssim": "torchmetrics", "lpips": "lpips"}
-    if name in needs and importlib.util.find_spec(needs[name]) is None:
-        raise ImportError(f"distance={name!r} needs the {needs[name]} package: pip install {needs[name]}")
 
 
 def masked_mean(score_map: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

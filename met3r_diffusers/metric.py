@@ -26,13 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distances import (
-    FEATURE_DISTANCES,
-    check_distance_available,
-    get_distance,
-    masked_mean,
-    masked_psnr,
-)
+from .distances import FEATURE_DISTANCES, get_distance, masked_mean, masked_psnr
 from .geometry import canonical_point_map, estimate_focal
 from .models.dino import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 from .render import render_points
@@ -151,7 +145,6 @@ class MEt3R(nn.Module):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
-        check_distance_available(distance)
         settings = REFERENCES[reference]
         self.img_size = img_size
         self.distance = distance
