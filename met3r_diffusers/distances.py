@@ -28,7 +28,8 @@ _PSNR_MSE_FLOOR = 1e-10
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """``1 - <a, b> / (|a| |b| + eps)`` over channels: (N, C, H, W) x 2 -> (N, H, W)."""
-    return 1 - (b * a).sum(1) / (torch.linalg.norm(b, dim=1) * torch.linalg.norm(a, dim=1) + eps)
+    dot = torch.einsum("nchw,nchw->nhw", b, a)  # no (N, C, H, W) product in memory
+    return 1 - dot / (torch.linalg.norm(b, dim=1) * torch.linalg.norm(a, dim=1) + eps)
 
 
 def mse_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -327,35 +327,40 @@ class MEt3R(nn.Module):
         render_size = (height, width) if self.img_size is None else (self.img_size, self.img_size)
         sample, first, second = _pair_rows(batch, pairs, images.device)
         points, conf = points.flatten(0, 1), conf.flatten(0, 1)  # (B*P, 2, H, W, 3), (B*P, 2, H, W)
+        num_views = features.shape[1]
+        feature_table = features.flatten(0, 1).float()  # (B*V, H*W, C), each cloud picks its view's row
         results: dict[str, list[torch.Tensor]] = {"score": [], "fraction": [], "mask": [], "map": [], "proj": []}
         for part in self._chunks(sample.shape[0]):
             pts, cf = points[part], conf[part]
             canon = canonical_point_map(pts[:, 0], pts[:, 1], cf[:, 0], cf[:, 1])
-            focal = estimate_focal(canon).repeat_interleave(2, dim=0)  # both clouds of a row share view i's camera
-            views = torch.stack([first[part], second[part]], 1)  # (n, 2): view i, view j
-            cloud_features = features[sample[part, None], views].flatten(0, 1)  # (n*2, H*W, C), rows (row, k)
+            # clouds in the order (k, row): all views i, then all views j, so that each half of the
+            # renders is one contiguous block; both clouds of a row share view i's camera
+            focal = estimate_focal(canon).repeat(2, 1)
+            views = torch.stack([first[part], second[part]])  # (2, n): view i, view j
+            cloud_rows = (sample[part] * num_views + views).flatten()  # (2*n,)
             # rendering and scoring run in float32 outside autocast, as in the reference
             with torch.autocast(device_type=images.device.type, enabled=False):
                 rendered = render_points(
-                    pts.flatten(0, 1).flatten(1, 2).float(),
-                    cloud_features.float(),
+                    pts.transpose(0, 1).flatten(0, 1).flatten(1, 2).float(),
+                    feature_table,
                     focal.float(),
                     image_size=render_size,
                     radius=self.radius,
                     points_per_pixel=self.points_per_pixel,
                     background=0.0,
+                    feature_index=cloud_rows,
                 )
-                # (n*2, Hr, Wr, C) -> (n, 2, C, Hr, Wr); pixels without any point are 0
-                projections = rendered.images.permute(0, 3, 1, 2).unflatten(0, (-1, 2))
-                mask = (rendered.idx[..., 0] >= 0).unflatten(0, (-1, 2)).all(dim=1).to(projections.dtype)
-                score_map = self._distance_fn(projections[:, 0], projections[:, 1])
+                # (2*n, Hr, Wr, C) -> (2, n, C, Hr, Wr); pixels without any point are 0
+                projections = rendered.images.permute(0, 3, 1, 2).unflatten(0, (2, -1))
+                mask = (rendered.idx[..., 0] >= 0).unflatten(0, (2, -1)).all(dim=0).to(projections.dtype)
+                score_map = self._distance_fn(projections[0], projections[1])
                 mean = masked_psnr if self.distance == "psnr" else masked_mean
                 results["score"].append(mean(score_map, mask, self._mean_eps))
             results["fraction"].append(mask.mean((-2, -1)))
             results["mask"].append(mask)
             results["map"].append(score_map)
             if keep_projections:
-                results["proj"].append(projections)
+                results["proj"].append(projections.transpose(0, 1))
         return {key: torch.cat(value).unflatten(0, (batch, len(pairs))) for key, value in results.items() if value}
 
     def _collect(

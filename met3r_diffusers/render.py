@@ -57,32 +57,37 @@ def render_points(
     points_per_pixel: int = 10,
     background: float = -10000.0,
     backend: str = "torch",
+    feature_index: torch.Tensor | None = None,
 ) -> RenderOutput:
     """Splat N point clouds with per-point features into an NDC pinhole camera and alpha-composite.
 
     Args:
         points: (N, P, 3) points (X, Y, Z) in the camera frame of the render (OpenCV axes).
-        features: (N, P, C) per-point features, same dtype and device as `points`.
+        features: (N, P, C) per-point features, same dtype and device as `points`; or, with
+            `feature_index`, a (M, P, C) table of which cloud n uses row `feature_index[n]`.
         focal: (N, 2) focal length (fx, fy) of each cloud's camera in NDC units.
         image_size: H and W of the render, an int for a square image or a pair (H, W).
         radius: disk radius of every point in NDC units.
         points_per_pixel: K, the number of nearest points kept and composited per pixel.
         background: value of every channel of pixels that no point hits.
         backend: "torch" (this implementation) or "pytorch3d" (calls PyTorch3D if installed).
+        feature_index: optional (N,) integer rows of `features` (clouds that share features, such
+            as the views of several pairs, then need no copy of them).
 
     Returns:
         `RenderOutput(images, idx, zbuf, dists)`; differentiable w.r.t. `features`, `points`
         and `focal` (through `dists`, `zbuf` and the compositing weights), like PyTorch3D.
     """
-    height, width = _check_inputs(points, features, focal, image_size, radius, points_per_pixel, background)
+    height, width = _check_inputs(
+        points, features, focal, image_size, radius, points_per_pixel, background, feature_index
+    )
+    settings = (height, width, float(radius), int(points_per_pixel), float(background))
     if backend == "torch":
-        return _render_torch(
-            points, features, focal, height, width, float(radius), int(points_per_pixel), float(background)
-        )
+        return _render_torch(points, features, feature_index, focal, *settings)
     if backend == "pytorch3d":
-        return _render_pytorch3d(
-            points, features, focal, height, width, float(radius), int(points_per_pixel), float(background)
-        )
+        if feature_index is not None:
+            features = features[feature_index]
+        return _render_pytorch3d(points, features, focal, *settings)
     raise ValueError(f"backend must be 'torch' or 'pytorch3d', got {backend!r}")
 
 
@@ -103,7 +108,9 @@ def overlap_mask(images: torch.Tensor, background: float = -10000.0) -> torch.Te
     return covered.unflatten(0, (-1, 2)).all(dim=1).to(images.dtype)
 
 
-def _check_inputs(points, features, focal, image_size, radius, points_per_pixel, background) -> tuple[int, int]:
+def _check_inputs(
+    points, features, focal, image_size, radius, points_per_pixel, background, feature_index
+) -> tuple[int, int]:
     for name, tensor in (("points", points), ("features", features), ("focal", focal)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -112,11 +119,30 @@ def _check_inputs(points, features, focal, image_size, radius, points_per_pixel,
     if points.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"points must be float32 or float64, got {points.dtype}")
     num_clouds, num_points = points.shape[:2]
-    if features.dim() != 3 or features.shape[:2] != (num_clouds, num_points):
-        raise ValueError(
-            f"features must have shape (N, P, C) = ({num_clouds}, {num_points}, C) to match points, "
-            f"got {tuple(features.shape)}"
-        )
+    if feature_index is None:
+        if features.dim() != 3 or features.shape[:2] != (num_clouds, num_points):
+            raise ValueError(
+                f"features must have shape (N, P, C) = ({num_clouds}, {num_points}, C) to match points, "
+                f"got {tuple(features.shape)}"
+            )
+    else:
+        if features.dim() != 3 or features.shape[1] != num_points:
+            raise ValueError(
+                f"with feature_index, features must have shape (M, P, C) with P = {num_points}, "
+                f"got {tuple(features.shape)}"
+            )
+        if (
+            not isinstance(feature_index, torch.Tensor)
+            or feature_index.shape != (num_clouds,)
+            or feature_index.dtype.is_floating_point
+            or feature_index.dtype.is_complex
+            or feature_index.dtype == torch.bool
+        ):
+            raise ValueError(f"feature_index must be an integer tensor of shape ({num_clouds},)")
+        if feature_index.device != points.device:
+            raise ValueError(f"feature_index must be on the device of points ({points.device})")
+        if num_clouds and (feature_index.min() < 0 or feature_index.max() >= features.shape[0]):
+            raise ValueError(f"feature_index must lie in [0, {features.shape[0]}) (the rows of features)")
     if focal.shape != (num_clouds, 2):
         raise ValueError(f"focal must have shape (N, 2) = ({num_clouds}, 2), got {tuple(focal.shape)}")
     for name, tensor in (("features", features), ("focal", focal)):
@@ -260,7 +286,8 @@ class _WeightedGather(torch.autograd.Function):
     """out[pixel] = sum of weight * features[point] over the hits of each pixel (a sparse matmul).
 
     Hits are sorted by pixel (`offsets`, length num_pixels + 1, delimits each pixel's hits);
-    `by_point` lists the same hits sorted by point for the transposed product in backward.
+    `by_point` lists the same hits sorted by point for the transposed product in backward (None:
+    sort them there).
     Pixels in `empty` are set to `background`.
     """
 
@@ -279,6 +306,8 @@ class _WeightedGather(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_out = grad_out.contiguous()
         weight, features, point, pixel, offsets, by_point = ctx.saved_tensors
+        if by_point is None:
+            by_point = torch.sort(point, stable=True).indices
         grad_weight = grad_features = None
         if ctx.needs_input_grad[0]:
             # grad_weight[e] = <grad_out[pixel_e], features[point_e]>, only at the hits.
@@ -302,8 +331,8 @@ class _WeightedGather(torch.autograd.Function):
         return grad_weight, grad_features, None, None, None, None, None, None
 
 
-def _render_torch(points, features, focal, height, width, radius, num_kept, background) -> RenderOutput:
-    num_clouds, num_points, channels = features.shape
+def _render_torch(points, features, feature_index, focal, height, width, radius, num_kept, background) -> RenderOutput:
+    num_clouds, num_points, channels = points.shape[0], points.shape[1], features.shape[-1]
     num_pixels = num_clouds * height * width
     col_centres = _pixel_centres(width, height, points.dtype, points.device)
     row_centres = _pixel_centres(height, width, points.dtype, points.device)
@@ -335,8 +364,12 @@ def _render_torch(points, features, focal, height, width, radius, num_kept, back
     offsets = torch.zeros(num_pixels + 1, dtype=torch.long, device=points.device)
     torch.cumsum(torch.bincount(pixel, minlength=num_pixels), dim=0, out=offsets[1:])
     empty = offsets[1:] == offsets[:-1]
+    if feature_index is None:
+        feature_row = point
+    else:  # the hit's point in the shared table; hits are no longer sorted by it
+        feature_row, by_point = feature_index[point // num_points] * num_points + point % num_points, None
     images = _WeightedGather.apply(
-        weight, features.reshape(-1, channels), point, pixel, offsets, by_point, empty, background
+        weight, features.reshape(-1, channels), feature_row, pixel, offsets, by_point, empty, background
     )
     return RenderOutput(
         images=images.view(num_clouds, height, width, channels),

@@ -255,6 +255,48 @@ def test_overlap_mask_pairs_consecutive_clouds():
         overlap_mask(torch.zeros(3, 2, 2, 1))
 
 
+# --- shared feature table ------------------------------------------------------------------------
+
+
+def test_feature_index_equals_rendering_the_gathered_features_with_the_same_gradients():
+    points, _, focal = _random_scene(7, 4, 300, 5)
+    table = torch.randn(3, 300, 5, generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([2, 0, 2, 1])  # cloud 0 and cloud 2 share row 2; row order is not cloud order
+    settings = dict(image_size=(20, 24), radius=0.2, points_per_pixel=5, background=0.0)
+    grad_seed = torch.randn(4, 20, 24, 5, generator=torch.Generator().manual_seed(2))
+
+    shared = table.clone().requires_grad_(True)
+    out = render_points(points, shared, focal, feature_index=rows, **settings)
+    (out.images * grad_seed).sum().backward()
+    gathered = table.clone().requires_grad_(True)
+    ref = render_points(points, gathered[rows], focal, **settings)
+    (ref.images * grad_seed).sum().backward()
+
+    assert out.images.abs().sum() > 0
+    assert torch.equal(out.idx, ref.idx) and torch.equal(out.dists, ref.dists)
+    torch.testing.assert_close(out.images, ref.images, rtol=0, atol=1e-6)
+    torch.testing.assert_close(shared.grad, gathered.grad, rtol=0, atol=1e-5)
+    assert shared.grad[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "feature_index, message",
+    [
+        (torch.tensor([0, 3]), "feature_index must lie in"),
+        (torch.tensor([0, -1]), "feature_index must lie in"),
+        (torch.tensor([0.0, 1.0]), "feature_index must be an integer tensor"),
+        (torch.tensor([0, 1, 2]), "feature_index must be an integer tensor of shape"),
+        ([0, 1], "feature_index must be an integer tensor"),
+    ],
+)
+def test_bad_feature_index_raises_value_error(feature_index, message):
+    kwargs = {**_good_inputs(), "features": torch.rand(3, 5, 4)}
+    with pytest.raises(ValueError, match=message):
+        render_points(**kwargs, feature_index=feature_index)
+    with pytest.raises(ValueError, match="features must have shape"):
+        render_points(**{**kwargs, "features": torch.rand(3, 6, 4)}, feature_index=torch.tensor([0, 1]))
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 

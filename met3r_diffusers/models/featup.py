@@ -93,7 +93,10 @@ class _TapMatrix:
         row, col = entries // num_in, entries % num_in
         order = torch.argsort(col, stable=True)  # A^T: by input pixel, then output pixel
         dtype = torch.int32 if entries.numel() < 2**31 else torch.int64
-        self.slot = slot.to(dtype)  # merged entry of each (pixel, tap)
+        # merged entry of each (pixel, tap); None when that is the identity (every tap its own
+        # column, in increasing order), so that `merge` is a reshape
+        identity = torch.equal(slot, torch.arange(slot.numel(), device=slot.device))
+        self.slot = None if identity else slot.to(dtype)
         self.crow = _offsets(torch.bincount(row, minlength=num_out), dtype)
         self.col = col.to(dtype)
         self.crow_t = _offsets(torch.bincount(col, minlength=num_in), dtype)
@@ -104,6 +107,8 @@ class _TapMatrix:
     def merge(self, weights: torch.Tensor) -> torch.Tensor:
         """Per-(pixel, tap) weights (B, ...) -> CSR values of A, (B, entries)."""
         weights = weights.reshape(weights.shape[0], -1)
+        if self.slot is None:
+            return weights
         values = weights.new_zeros(weights.shape[0], self.col.shape[0])
         return values.index_add_(1, self.slot, weights)
 
@@ -127,10 +132,9 @@ class _TapMatrix:
     def sampled_dot(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """d[b, r, p] = <left[b, r], right[b, index[r, p]]>: (B, num_out * taps); left (B, num_out, C), right (B, num_in, C)."""
         pattern = self._csr(left.new_zeros(self.col.shape[0]), transpose=False)
-        return torch.stack([
-            torch.sparse.sampled_addmm(pattern, image_left, image_right.t(), beta=0.0).values().index_select(0, self.slot)
-            for image_left, image_right in zip(left, right)
-        ])
+        dots = [torch.sparse.sampled_addmm(pattern, image_left, image_right.t(), beta=0.0).values()
+                for image_left, image_right in zip(left, right)]
+        return torch.stack(dots if self.slot is None else [image_dots.index_select(0, self.slot) for image_dots in dots])
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -170,14 +174,18 @@ def _cubic_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torc
 
 
 @functools.lru_cache(maxsize=8)
-def _bicubic_matrix(in_size: tuple[int, int], out_size: tuple[int, int],
+def _bicubic_matrix(in_size: tuple[int, int], out_size: tuple[int, int], radius: int,
                     device: torch.device) -> tuple[_TapMatrix, torch.Tensor]:
-    """Bicubic resize from in_size to out_size as a tap matrix and its (float64) values."""
-    rows, row_weights = _cubic_taps(in_size[0], out_size[0], device)
-    cols, col_weights = _cubic_taps(in_size[1], out_size[1], device)
-    index = rows[:, None, :, None] * in_size[1] + cols[None, :, None, :]  # (out_h, out_w, 4, 4)
+    """Bicubic resize from in_size to out_size, then reflect padding by `radius` on every side, as
+    one tap matrix (to (out_h + 2r) * (out_w + 2r) pixels) and its (float64) values."""
+    padded_rows, padded_cols = (
+        _reflect(torch.arange(-radius, size + radius, device=device), size) for size in out_size
+    )
+    rows, row_weights = (taps[padded_rows] for taps in _cubic_taps(in_size[0], out_size[0], device))
+    cols, col_weights = (taps[padded_cols] for taps in _cubic_taps(in_size[1], out_size[1], device))
+    index = rows[:, None, :, None] * in_size[1] + cols[None, :, None, :]  # (out_h + 2r, out_w + 2r, 4, 4)
     weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
-    matrix = _TapMatrix(index.reshape(out_size[0] * out_size[1], 16), in_size[0] * in_size[1])
+    matrix = _TapMatrix(index.reshape(-1, 16), in_size[0] * in_size[1])
     return matrix, matrix.merge(weights[None])[0]
 
 
@@ -218,8 +226,9 @@ class _AdaptiveConv(torch.autograd.Function):
     """out[b,y,x,:] = sum_p kernel[b,y,x,p] * source'[b, window_p(y, x), :], channels-last (B, H, W, C).
 
     With `resize`, source' is `source` (B, C, h, w) bicubically resized to the kernel's (H, W) and
-    the windows reflect at the borders (FeatUp's pre-upsampling and reflect padding); without,
-    `source` is already padded by the radius. source' is recomputed in backward, never stored.
+    reflect-padded by the radius (FeatUp's pre-upsampling and padding; one sparse matrix does both);
+    without, `source` is already padded. Either way the window matrix reads a padded grid, so its
+    taps never collide. source' is recomputed in backward, never stored.
     """
 
     @staticmethod
@@ -229,8 +238,8 @@ class _AdaptiveConv(torch.autograd.Function):
         source, kernel = source.to(dtype), kernel.to(dtype).contiguous()
         batch, height, width, _ = kernel.shape
         device = kernel.device
-        ctx.window = _window_matrix(height, width, radius, not resize, device)
-        ctx.resize = _bicubic_matrix(tuple(source.shape[-2:]), (height, width), device) if resize else None
+        ctx.window = _window_matrix(height, width, radius, True, device)
+        ctx.resize = _bicubic_matrix(tuple(source.shape[-2:]), (height, width), radius, device) if resize else None
         ctx.save_for_backward(source, kernel)
         out = ctx.window.matmul(ctx.window.merge(kernel), _AdaptiveConv._input_map(ctx.resize, source))
         return out.view(batch, height, width, -1).to(ctx.dtypes[0])
@@ -332,19 +341,24 @@ class JBUStack(nn.Module):
 
     def forward(self, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) features, (B, 3, H, W) guidance image -> (B, C, 16h, 16w) features."""
-        for stage in (self.up1, self.up2, self.up3, self.up4):
-            height, width = source.shape[-2:]
-            source = stage(source, F.adaptive_avg_pool2d(guidance, (2 * height, 2 * width)))
         dropout, conv = self.fixup_proj
         weight, bias = conv.weight.flatten(1), conv.bias
-        # 1x1 convolutions as matmuls over channels-last pixels (with frozen weights they keep no
-        # copy of their input for backward)
-        if self.training:  # Dropout2d is active and applies to the fixup branch only
-            fixup = F.linear(_channels_last(dropout(source)), weight, bias)
-            return fixup.mul_(0.1).add_(_channels_last(source)).permute(0, 3, 1, 2)
-        # source + 0.1 * conv(source) as a single matmul: (I + 0.1 W) x + 0.1 b
-        identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        return F.linear(_channels_last(source), identity + 0.1 * weight, 0.1 * bias).permute(0, 3, 1, 2)
+        for stage in (self.up1, self.up2, self.up3, self.up4):
+            if stage is self.up4 and not self.training:
+                # The fixup x + 0.1 * conv1x1(x) = (I + 0.1 W) x + 0.1 b mixes channels only, and a
+                # stage mixes pixels only (its kernel depends on the guidance alone), so the matrix
+                # (I + 0.1 W) is applied before the last stage, on a quarter of the pixels.
+                identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                source = F.linear(_channels_last(source), identity + 0.1 * weight).permute(0, 3, 1, 2)
+            height, width = source.shape[-2:]
+            source = stage(source, F.adaptive_avg_pool2d(guidance, (2 * height, 2 * width)))
+        if not self.training:
+            bias = (0.1 * bias).to(source.dtype)[:, None, None]
+            return source + bias if source.requires_grad else source.add_(bias)  # in place: no extra full-size map
+        # Dropout2d is active and applies to the fixup branch only; the 1x1 convolution runs as a
+        # matmul over channels-last pixels (with frozen weights it keeps no copy of its input)
+        fixup = F.linear(_channels_last(dropout(source)), weight, bias)
+        return fixup.mul_(0.1).add_(_channels_last(source)).permute(0, 3, 1, 2)
 
 
 def _key_list(keys: list[str], limit: int = 10) -> str:
