@@ -290,8 +290,8 @@ class MEt3R(nn.Module):
         return torch.cat(points).unflatten(0, size).float(), torch.cat(conf).unflatten(0, size).float()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-pixel features of every view, channels last (B, V, H*W, C): upsampled DINO features, or the
-        [0, 1] image for RGB distances. Channels last is the layout the renderer reads, made once per view."""
+        """Per-pixel float32 features of every view, channels last (B, V, H*W, C): upsampled DINO features, or
+        the [0, 1] image for RGB distances. Channels last is the layout the renderer reads, made once per view."""
         batch, num_views, _, height, width = images.shape
         image01 = (images.flatten(0, 1) + 1) / 2
         if self.feature_backbone is None:
@@ -301,7 +301,7 @@ class MEt3R(nn.Module):
         normalized = (image01 - mean) / std
         guidance = normalized if self._guidance == "normalized" else image01
         two_stage = hasattr(self.feature_backbone, "low_res") and hasattr(self.feature_backbone, "upsample")
-        features = []
+        features = None  # filled chunk by chunk (no list of chunks and concatenated copy at once)
         for part in self._chunks(normalized.shape[0]):
             if two_stage:
                 low_res = self.feature_backbone.low_res(normalized[part])
@@ -310,8 +310,12 @@ class MEt3R(nn.Module):
                 high_res = self.feature_backbone(normalized[part])
             if tuple(high_res.shape[-2:]) != (height, width):
                 high_res = F.interpolate(high_res, (height, width), mode="bilinear", align_corners=False)
-            features.append(high_res.flatten(2).transpose(1, 2))
-        return torch.cat(features).unflatten(0, (batch, num_views))
+            high_res = high_res.flatten(2).transpose(1, 2)  # (n, H*W, C)
+            if features is None:
+                dtype = torch.promote_types(high_res.dtype, torch.float32)  # bf16 / fp16 under autocast -> fp32
+                features = high_res.new_empty(batch * num_views, *high_res.shape[1:], dtype=dtype)
+            features[part] = high_res
+        return features.unflatten(0, (batch, num_views))
 
     def _score_pairs(
         self,
