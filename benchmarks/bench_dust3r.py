@@ -84,6 +84,16 @@ def _measure(
     return {"median_s": statistics.median(times[1:]), "min_s": min(times[1:]), "peak_rss_gib": _rss_gib("VmHWM")}
 
 
+def _matmul_rate() -> float:
+    """GFLOP/s of a float32 (512 x 1024) @ (1024 x 4096) product on this machine right now."""
+    a, b = torch.randn(512, 1024), torch.randn(1024, 4096)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(20):
+        torch.mm(a, b)
+    return 20 * 2 * 512 * 1024 * 4096 / (time.perf_counter() - start) / 1e9
+
+
 def _calibration(model: torch.nn.Module) -> str:
     """FLOPs of one 256x256 pair forward and the machine's float32 matmul rate right now.
 
@@ -96,12 +106,7 @@ def _calibration(model: torch.nn.Module) -> str:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         tokens, pos = model.encode_views(images)
         model.decode_pair(tokens[:1], pos[:1], tokens[1:], pos[1:], (256, 256), (256, 256))
-    a, b = torch.randn(512, 1024), torch.randn(1024, 4096)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(20):
-        torch.mm(a, b)
-    rate = 20 * 2 * 512 * 1024 * 4096 / (time.perf_counter() - start) / 1e9
+    rate = _matmul_rate()
     flops = counter.get_total_flops() / 1e9
     return (f"256x256 pair forward: {flops:.0f} GFLOP; float32 matmul rate now: {rate:.0f} GFLOP/s "
             f"(so >= {flops / rate:.2f} s at that rate)")

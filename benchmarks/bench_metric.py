@@ -11,6 +11,9 @@ For each V it scores one sample of V random views (pairs "adjacent": V - 1 pairs
 per view; render+score: splatting both clouds of every pair and the masked cosine), and the peak
 resident memory (VmHWM, reset before each setting; includes weights and the PyTorch runtime).
 `--bf16` runs under CPU bf16 autocast (the renderer and score always run in float32).
+It also counts the FLOPs of the geometry stage (MASt3R's linear layers, attention and
+convolutions) and measures the machine's float32 matmul rate at that moment: their ratio is a
+float32 time per pair that no implementation of the same network can beat on this machine.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dust3r import PARITY_DIR, _reset_peak, _rss_gib, _standin_model
+from bench_dust3r import PARITY_DIR, _matmul_rate, _reset_peak, _rss_gib, _standin_model
 
 from met3r_diffusers import MEt3R
 from met3r_diffusers.models import DinoFeatUp
@@ -72,6 +75,19 @@ def _measure(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool)
     return result
 
 
+def _geometry_gflop(metric: MEt3R, num_views: int, size: int) -> float:
+    """GFLOP of the geometry stage on one sample of `num_views` views, adjacent pairs.
+
+    (Only this stage: the counter would count FeatUp's sparse products as dense ones.)
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.zeros(1, num_views, 3, size, size)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        metric._geometry(images, resolve_pairs("adjacent", num_views))
+    return counter.get_total_flops() / 1e9
+
+
 def main() -> None:
     """Run the benchmark and print one block per number of views."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +113,10 @@ def main() -> None:
               f"({result['total']:.2f} s per sample), peak RSS {result['peak_rss_gib']:.2f} GiB")
         print("    stages per sample: " + ", ".join(
             f"{key} {result[key]:.2f} s" for key in ("geometry", "features", "render+score")))
+        gflop = _geometry_gflop(metric, num_views, args.size) / num_pairs
+        rate = _matmul_rate()
+        print(f"    geometry {gflop:.0f} GFLOP per pair; float32 matmul rate now {rate:.0f} GFLOP/s, "
+              f"so geometry alone takes >= {gflop / rate:.2f} s/pair in float32 at that rate")
 
 
 if __name__ == "__main__":

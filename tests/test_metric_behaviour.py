@@ -292,6 +292,17 @@ def test_device_and_dtype_mismatch_raise():
         assert torch.isfinite(low_precision(_views(batch=1, num_views=2)).score).all()
 
 
+def test_bf16_autocast_keeps_features_rendering_and_score_in_float32():
+    metric, views = _metric(), _views(batch=1, num_views=3)
+    reference = metric(views)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert metric.feature_backbone(views[:, 0]).dtype == torch.bfloat16
+        assert metric._features(views).dtype == torch.float32
+        low = metric(views)
+    assert low.pair_scores.dtype == torch.float32
+    torch.testing.assert_close(low.pair_scores, reference.pair_scores, atol=2e-2, rtol=0)
+
+
 def test_bad_pairs_raise():
     with pytest.raises(ValueError, match="out of range"):
         _metric()(_views(num_views=3), pairs=[(0, 3)])
