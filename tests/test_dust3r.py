@@ -138,14 +138,20 @@ def test_batch_of_non_square_pairs_matches_single_pairs(tiny_models):
             _check_points(single[1]["pts3d_in_other_view"][0], batched[1]["pts3d_in_other_view"][b])
 
 
-def test_bf16_autocast_runs_heads_in_float32(tiny_models):
+def test_bf16_cpu_autocast_covers_the_heads_and_outputs_float32(tiny_models):
+    """As the official forward, whose head guard only disables CUDA autocast."""
     model = tiny_models["mast3r_tiny_catmlpdpt"]
     inputs = load_tensors("dust3r", "inputs", "b2_64x64.safetensors")
     ref = load_tensors("dust3r", "outputs", "mast3r_tiny_catmlpdpt", "b2_64x64.safetensors")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        tokens, _ = model.encode_views(inputs["img1"])
-        pred1, pred2 = model({"img": inputs["img1"]}, {"img": inputs["img2"]})
-    assert tokens.dtype == torch.bfloat16
+    head_dtypes = []
+    hook = model.downstream_head1.dpt.head.register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens, _ = model.encode_views(inputs["img1"])
+            pred1, pred2 = model({"img": inputs["img1"]}, {"img": inputs["img2"]})
+    finally:
+        hook.remove()
+    assert tokens.dtype == torch.bfloat16 and head_dtypes == [torch.bfloat16]
     for pred in (pred1, pred2):
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in pred.values())
     # bf16 keeps ~3 significant digits: tokens and confidences stay close to the float32 reference

@@ -42,6 +42,11 @@ def _parse_mode(value: Sequence[Any], name: str) -> tuple[str, float, float]:
     return kind, vmin, vmax
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 (a head under CPU autocast) -> float32; float32 and float64 unchanged."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _exp_confidence(raw: torch.Tensor, mode: tuple[str, float, float]) -> torch.Tensor:
     _, vmin, vmax = mode
     return vmin + raw.exp().clamp(max=vmax - vmin)
@@ -174,8 +179,8 @@ class DUSt3R(nn.Module):
         return self._points_and_conf(head(tokens, image_size))
 
     def _points_and_conf(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw DPT output (B, 4, H, W) -> {"pts3d": (B, H, W, 3), "conf": (B, H, W)}."""
-        fmap = raw.permute(0, 2, 3, 1)
+        """Raw DPT output (B, 4, H, W) -> {"pts3d": (B, H, W, 3), "conf": (B, H, W)}, at least float32."""
+        fmap = _at_least_float32(raw).permute(0, 2, 3, 1)
         xyz = fmap[..., 0:3]
         depth = xyz.norm(dim=-1, keepdim=True)
         pts3d = xyz / depth.clamp(min=1e-8) * torch.expm1(depth)
@@ -275,8 +280,9 @@ class DUSt3R(nn.Module):
             if (size[0] // 16) * (size[1] // 16) != tokens.shape[1] or size[0] % 16 or size[1] % 16:
                 raise ValueError(f"{name}={size} does not match {tokens.shape[1]} tokens of 16x16 patches")
         dec1, dec2 = self._decode(tokens1, pos1, tokens2, pos2)
-        # the heads always run in float32, outside autocast
-        with torch.autocast(device_type=tokens1.device.type, enabled=False):
+        # As the official forward: float32 tokens into the heads, which run outside *CUDA* autocast
+        # (`torch.cuda.amp.autocast(enabled=False)` there); CPU autocast still covers them.
+        with torch.autocast("cuda", enabled=False):
             pred1 = self._predict(self.downstream_head1, [t.float() for t in dec1], size1, descriptors)
             pred2 = self._predict(self.downstream_head2, [t.float() for t in dec2], size2, descriptors)
         pred2["pts3d_in_other_view"] = pred2.pop("pts3d")

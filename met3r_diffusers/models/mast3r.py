@@ -18,7 +18,7 @@ from torch import nn
 
 from .croco import Mlp
 from .dpt import DPTHead
-from .dust3r import _INF, DUSt3R, _exp_confidence, _parse_mode
+from .dust3r import _INF, DUSt3R, _at_least_float32, _exp_confidence, _parse_mode
 
 
 class _CatMlpDPTHead(nn.Module):
@@ -89,7 +89,7 @@ class MASt3R(DUSt3R):
         """Points and confidence, plus "desc" (unit norm) and "desc_conf" unless descriptors=False."""
         if not descriptors:
             return self._points_and_conf(head.dpt(tokens, image_size))
-        raw = head(tokens, image_size)
+        raw = _at_least_float32(head(tokens, image_size))
         out = self._points_and_conf(raw[:, :4])
         desc = raw[:, 4 : 4 + self.desc_dim].permute(0, 2, 3, 1)
         out["desc"] = desc / desc.norm(dim=-1, keepdim=True)
