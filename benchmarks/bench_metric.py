@@ -75,7 +75,7 @@ def _measure(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool)
     return result
 
 
-def _geometry_gflop(metric: MEt3R, num_views: int, size: int) -> float:
+def _geometry_gflop(metric: MEt3R, num_views: int, size: int, bf16: bool) -> float:
     """GFLOP of the geometry stage on one sample of `num_views` views, adjacent pairs.
 
     (Only this stage: the counter would count FeatUp's sparse products as dense ones.)
@@ -83,7 +83,8 @@ def _geometry_gflop(metric: MEt3R, num_views: int, size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     images = torch.zeros(1, num_views, 3, size, size)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.inference_mode(), autocast, FlopCounterMode(display=False) as counter:
         metric._geometry(images, resolve_pairs("adjacent", num_views))
     return counter.get_total_flops() / 1e9
 
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--views", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--bf16", action="store_true", help="CPU bf16 autocast for the networks")
+    parser.add_argument("--bf16-weights", action="store_true",
+                        help="with --bf16: also store the weights in bf16 (metric.to(torch.bfloat16))")
     parser.add_argument("--chunk-size", type=int, default=2, help="MEt3R(chunk_size=...); 0 = everything at once")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,9 +106,15 @@ def main() -> None:
     start = time.perf_counter()
     metric = MEt3R(img_size=None, backbone=_standin_model("mast3r"), feature_backbone=_standin_featup(),
                    chunk_size=args.chunk_size or None)
+    if args.bf16_weights:
+        if not args.bf16:
+            parser.error("--bf16-weights needs --bf16 (bf16 weights run under autocast)")
+        metric.to(torch.bfloat16)
+        _reset_peak()
     print(f"MEt3R (full-size MASt3R + DINO/FeatUp stand-in weights) built in {time.perf_counter() - start:.1f} s; "
           f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size}, chunk_size {args.chunk_size}"
-          f"{', bf16 autocast' if args.bf16 else ''}; RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
+          f"{', bf16 autocast' if args.bf16 else ''}{', bf16 weights' if args.bf16_weights else ''}; "
+          f"RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
     for num_views in args.views:
         result = _measure(metric, num_views, args.size, args.repeats, args.bf16)
         num_pairs = num_views - 1
@@ -113,7 +122,7 @@ def main() -> None:
               f"({result['total']:.2f} s per sample), peak RSS {result['peak_rss_gib']:.2f} GiB")
         print("    stages per sample: " + ", ".join(
             f"{key} {result[key]:.2f} s" for key in ("geometry", "features", "render+score")))
-        gflop = _geometry_gflop(metric, num_views, args.size) / num_pairs
+        gflop = _geometry_gflop(metric, num_views, args.size, args.bf16) / num_pairs
         rate = _matmul_rate()
         print(f"    geometry {gflop:.0f} GFLOP per pair; float32 matmul rate now {rate:.0f} GFLOP/s, "
               f"so geometry alone takes >= {gflop / rate:.2f} s/pair in float32 at that rate")

@@ -1,6 +1,7 @@
 """DUSt3R / MASt3R: parity with the official networks (../shared/parity/dust3r), API behaviour."""
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -157,6 +158,18 @@ def test_bf16_cpu_autocast_covers_the_heads_and_outputs_float32(tiny_models):
     # bf16 keeps ~3 significant digits: tokens and confidences stay close to the float32 reference
     assert (tokens.float() - ref["enc.feat1"]).abs().max() / ref["enc.feat1"].abs().max() < 0.05
     assert ((pred1["conf"] - ref["pred1.conf"]).abs() / ref["pred1.conf"]).median() < 0.05
+
+
+def test_bf16_weights_run_under_autocast_and_output_float32(tiny_models):
+    model = copy.deepcopy(tiny_models["mast3r_tiny_catmlpdpt"]).to(torch.bfloat16)
+    inputs = load_tensors("dust3r", "inputs", "b2_64x64.safetensors")
+    ref = load_tensors("dust3r", "outputs", "mast3r_tiny_catmlpdpt", "b2_64x64.safetensors")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred1, pred2 = model({"img": inputs["img1"]}, {"img": inputs["img2"]})
+    for pred in (pred1, pred2):
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in pred.values())
+    assert ((pred1["conf"] - ref["pred1.conf"]).abs() / ref["pred1.conf"]).median() < 0.05
+    assert ((pred2["conf"] - ref["pred2.conf"]).abs() / ref["pred2.conf"]).median() < 0.05
 
 
 def test_constructor_accepts_json_and_python_forms():

@@ -303,6 +303,17 @@ def test_bf16_autocast_keeps_features_rendering_and_score_in_float32():
     torch.testing.assert_close(low.pair_scores, reference.pair_scores, atol=2e-2, rtol=0)
 
 
+def test_bf16_weights_under_autocast_stay_close_to_float32():
+    """metric.to(torch.bfloat16) under autocast, as the CLI's --bf16 runs it."""
+    metric, views = _metric(), _views(batch=1, num_views=3)
+    reference = metric(views)
+    metric.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = metric(views)
+    assert low.pair_scores.dtype == torch.float32 and torch.isfinite(low.pair_scores).all()
+    torch.testing.assert_close(low.pair_scores, reference.pair_scores, atol=3e-2, rtol=0)
+
+
 def test_bad_pairs_raise():
     with pytest.raises(ValueError, match="out of range"):
         _metric()(_views(num_views=3), pairs=[(0, 3)])

@@ -280,11 +280,13 @@ class DUSt3R(nn.Module):
             if (size[0] // 16) * (size[1] // 16) != tokens.shape[1] or size[0] % 16 or size[1] % 16:
                 raise ValueError(f"{name}={size} does not match {tokens.shape[1]} tokens of 16x16 patches")
         dec1, dec2 = self._decode(tokens1, pos1, tokens2, pos2)
-        # As the official forward: float32 tokens into the heads, which run outside *CUDA* autocast
-        # (`torch.cuda.amp.autocast(enabled=False)` there); CPU autocast still covers them.
+        # As the official forward: tokens into the heads in the heads' dtype (float32 unless the
+        # weights were cast), outside *CUDA* autocast (`torch.cuda.amp.autocast(enabled=False)`
+        # there); CPU autocast still covers them.
+        head_dtype = self.downstream_head1.dpt.head[0].weight.dtype
         with torch.autocast("cuda", enabled=False):
-            pred1 = self._predict(self.downstream_head1, [t.float() for t in dec1], size1, descriptors)
-            pred2 = self._predict(self.downstream_head2, [t.float() for t in dec2], size2, descriptors)
+            pred1 = self._predict(self.downstream_head1, [t.to(head_dtype) for t in dec1], size1, descriptors)
+            pred2 = self._predict(self.downstream_head2, [t.to(head_dtype) for t in dec2], size2, descriptors)
         pred2["pts3d_in_other_view"] = pred2.pop("pts3d")
         return pred1, pred2
 
