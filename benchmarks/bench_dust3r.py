@@ -6,8 +6,9 @@ Uses deterministic stand-in weights (no download), so it needs the parity fixtur
     python benchmarks/bench_dust3r.py [--threads 2] [--repeats 3] [--model mast3r|dust3r]
 
 Reports per-pair time (median over repeats after one warm-up) of the forward at 256x256 and
-512x384 (H x W = 384 x 512), with and without MASt3R's descriptor head, under bf16 autocast,
-and of forward+backward w.r.t. the input images at 256x256, with the peak resident memory of
+512x384 (H x W = 384 x 512), with and without MASt3R's descriptor head, under bf16 autocast
+(float32 weights, then weights stored in bf16), and of forward+backward w.r.t. the input images
+at 256x256, with the peak resident memory of
 each (VmHWM, reset before each setting; includes the weights and the PyTorch runtime). The
 pair runs as the metric runs it: `encode_views` on both images, then `decode_pair`.
 """
@@ -138,7 +139,12 @@ def main() -> None:
     ]
     if args.model == "mast3r":
         settings.insert(1, ("forward 256x256 descriptors=False", 256, 256, False, False, False))
-    for label, height, width, backward, bf16, descriptors in settings:
+    # last: the weights themselves in bf16 (half their memory, no cast at every call), under autocast
+    settings += [("bf16 weights: forward 256x256", 256, 256, False, True, True, True),
+                 ("bf16 weights: forward 384x512", 384, 512, False, True, True, True)]
+    for label, height, width, backward, bf16, descriptors, *bf16_weights in settings:
+        if bf16_weights and next(model.parameters()).dtype != torch.bfloat16:
+            model.to(torch.bfloat16)
         result = _measure(model, height, width, args.repeats, backward, bf16, descriptors)
         print(f"{label:34s} {result['median_s']:6.2f} s/pair (min {result['min_s']:.2f})   "
               f"peak RSS {result['peak_rss_gib']:.2f} GiB")
