@@ -28,7 +28,11 @@ _PSNR_MSE_FLOOR = 1e-10
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """``1 - <a, b> / (|a| |b| + eps)`` over channels: (N, C, H, W) x 2 -> (N, H, W)."""
-    dot = torch.einsum("nchw,nchw->nhw", b, a)  # no (N, C, H, W) product in memory
+    with torch.autocast(a.device.type, enabled=False):  # the dot product in the inputs' precision
+        if a.device.type == "cpu":
+            dot = torch.einsum("nchw,nchw->nhw", b, a)  # a contraction: no (N, C, H, W) product in memory
+        else:
+            dot = (b * a).sum(1)  # elementwise, so exact even where matrix products run in TF32
     return 1 - dot / (torch.linalg.norm(b, dim=1) * torch.linalg.norm(a, dim=1) + eps)
 
 

@@ -290,8 +290,9 @@ class MEt3R(nn.Module):
         return torch.cat(points).unflatten(0, size).float(), torch.cat(conf).unflatten(0, size).float()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-pixel float32 features of every view, channels last (B, V, H*W, C): upsampled DINO features, or
-        the [0, 1] image for RGB distances. Channels last is the layout the renderer reads, made once per view."""
+        """Per-pixel features of every view, channels last (B, V, H*W, C): upsampled DINO features (at least
+        float32), or the [0, 1] image for RGB distances. Channels last is the layout the renderer reads, made
+        once per view."""
         batch, num_views, _, height, width = images.shape
         image01 = (images.flatten(0, 1) + 1) / 2
         if self.feature_backbone is None:

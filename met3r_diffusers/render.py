@@ -82,6 +82,8 @@ def render_points(
         points, features, focal, image_size, radius, points_per_pixel, background, feature_index
     )
     settings = (height, width, float(radius), int(points_per_pixel), float(background))
+    if feature_index is not None:
+        feature_index = feature_index.long()  # row arithmetic must not wrap; uint8 would index as a mask
     if backend == "torch":
         return _render_torch(points, features, feature_index, focal, *settings)
     if backend == "pytorch3d":

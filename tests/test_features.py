@@ -13,6 +13,7 @@ from met3r_diffusers.models.dino import DinoFeaturizer
 from met3r_diffusers.models.featup import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    JBUStack,
     _adaptive_conv,
     _AdaptiveConv,
     _WindowDot,
@@ -360,3 +361,17 @@ def test_constructor_arguments():
     with pytest.raises(TypeError, match="use_norm"):
         DinoFeatUp(use_norm="yes")
     assert isinstance(DinoFeatUp().model[0], DinoFeaturizer)
+
+
+def test_eval_fixup_with_only_its_bias_trainable():
+    """The eval-mode fixup adds its bias out of place whenever a gradient may flow through it."""
+    stack = JBUStack(dim=4).eval()
+    for name, parameter in stack.named_parameters():
+        parameter.requires_grad_(name == "fixup_proj.1.bias")
+    generator = torch.Generator().manual_seed(0)
+    source, guidance = torch.randn(1, 4, 2, 2, generator=generator), torch.randn(1, 3, 32, 32, generator=generator)
+    out = stack(source, guidance)
+    out.sum().backward()
+    assert torch.equal(stack.fixup_proj[1].bias.grad, torch.full((4,), 0.1 * 32 * 32))
+    with torch.no_grad():
+        assert torch.equal(stack(source, guidance), out.detach())

@@ -314,6 +314,16 @@ def test_bf16_weights_under_autocast_stay_close_to_float32():
     torch.testing.assert_close(low.pair_scores, reference.pair_scores, atol=3e-2, rtol=0)
 
 
+def test_cosine_distance_keeps_full_precision_under_autocast():
+    from met3r_diffusers.distances import cosine_distance
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2, 64, 8, 8, generator=generator) for _ in range(2))
+    exact = 1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(cosine_distance(a, b), exact, rtol=0, atol=1e-6)
+
+
 def test_bad_pairs_raise():
     with pytest.raises(ValueError, match="out of range"):
         _metric()(_views(num_views=3), pairs=[(0, 3)])

@@ -279,6 +279,16 @@ def test_feature_index_equals_rendering_the_gathered_features_with_the_same_grad
     assert shared.grad[2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_feature_index_dtypes_give_the_same_rows(dtype):
+    points, _, focal = _random_scene(8, 2, 300, 3)
+    table = torch.randn(3, 300, 3, generator=torch.Generator().manual_seed(4))
+    settings = dict(image_size=(12, 16), radius=0.2, points_per_pixel=4)
+    rows = torch.tensor([2, 1])
+    out = render_points(points, table, focal, feature_index=rows.to(dtype), **settings)
+    assert torch.equal(out.images, render_points(points, table[rows], focal, **settings).images)
+
+
 @pytest.mark.parametrize(
     "feature_index, message",
     [

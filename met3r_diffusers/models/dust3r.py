@@ -175,7 +175,7 @@ class DUSt3R(nn.Module):
     def _predict(
         self, head: nn.Module, tokens: list[torch.Tensor], image_size: tuple[int, int], descriptors: bool
     ) -> dict[str, torch.Tensor]:
-        """Run one head on float32 tokens and map its raw output to the official keys."""
+        """Run one head on its tokens (in the head's dtype) and map its raw output to the official keys."""
         return self._points_and_conf(head(tokens, image_size))
 
     def _points_and_conf(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:

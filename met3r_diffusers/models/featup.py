@@ -354,7 +354,9 @@ class JBUStack(nn.Module):
             source = stage(source, F.adaptive_avg_pool2d(guidance, (2 * height, 2 * width)))
         if not self.training:
             bias = (0.1 * bias).to(source.dtype)[:, None, None]
-            return source + bias if source.requires_grad else source.add_(bias)  # in place: no extra full-size map
+            if torch.is_grad_enabled() and (source.requires_grad or bias.requires_grad):
+                return source + bias
+            return source.add_(bias)  # in place: no second full-size map
         # Dropout2d is active and applies to the fixup branch only; the 1x1 convolution runs as a
         # matmul over channels-last pixels (with frozen weights it keeps no copy of its input)
         fixup = F.linear(_channels_last(dropout(source)), weight, bias)
