@@ -12,7 +12,10 @@ Conventions (all reproduced exactly, see docs/render.md):
 * NDC: +x points left, +y points up; the shorter image side spans [-1, 1], the longer one
   [-L/S, L/S]. Row 0 is the top of the image, column 0 its left.
 * A point ``(X, Y, Z)`` projects to ``x = fx * (-X) / Z``, ``y = fy * (-Y) / Z``; points with
-  ``Z < 0`` or any non-finite coordinate are never drawn.
+  ``Z < sqrt(finfo(dtype).tiny)`` (about 1e-19 in float32; PyTorch3D's limit is ``Z < 0``, the
+  difference keeps ``1 / Z**2`` and so every gradient finite), any non-finite coordinate or a
+  non-finite projection are never drawn. Non-finite features are not checked: they reach the
+  pixels (and gradients) that the point reaches, as in any PyTorch operation.
 * A point hits a pixel when its squared NDC distance to the pixel centre is ``< r**2``.
   Per pixel the K hits with the smallest Z are kept, nearest first, ties by packed index
   ``n * P + p``; unused slots hold ``idx = zbuf = dists = -1``.
@@ -32,6 +35,15 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 ImageSize = Union[int, Sequence[int]]
+
+# Largest N * H * W * K accepted: the fragment buffers (idx, zbuf, dists) and the compositing
+# temporaries take about 40 bytes per slot in float32, so ~11 GB at this limit (see docs/render.md).
+MAX_FRAGMENT_SLOTS = 2**28
+
+# Candidate (point, pixel) tests per rasterisation chunk, at least: points are tested in chunks of
+# max(N * H * W * K, this) candidates, so the temporaries never outgrow the fragment buffers by more
+# than a constant factor whatever the radius or the number of points.
+_MIN_CHUNK_CANDIDATES = 2**22
 
 # Extra pixels added to each side of a point's footprint so that float32 rounding of the
 # footprint centre (< 1e-3 px for images up to 8192 px) never drops a pixel that the exact
@@ -68,7 +80,8 @@ def render_points(
         focal: (N, 2) focal length (fx, fy) of each cloud's camera in NDC units.
         image_size: H and W of the render, an int for a square image or a pair (H, W).
         radius: disk radius of every point in NDC units.
-        points_per_pixel: K, the number of nearest points kept and composited per pixel.
+        points_per_pixel: K, the number of nearest points kept and composited per pixel;
+            N * H * W * K may not exceed `MAX_FRAGMENT_SLOTS` (2**28).
         background: value of every channel of pixels that no point hits.
         backend: "torch" (this implementation) or "pytorch3d" (calls PyTorch3D if installed).
         feature_index: optional (N,) integer rows of `features` (clouds that share features, such
@@ -77,6 +90,11 @@ def render_points(
     Returns:
         `RenderOutput(images, idx, zbuf, dists)`; differentiable w.r.t. `features`, `points`
         and `focal` (through `dists`, `zbuf` and the compositing weights), like PyTorch3D.
+
+    Raises:
+        ValueError: naming the argument, for malformed input, features without channels, or a
+            request whose fragment buffers would exceed `MAX_FRAGMENT_SLOTS` (raised before
+            anything is allocated).
     """
     height, width = _check_inputs(
         points, features, focal, image_size, radius, points_per_pixel, background, feature_index
@@ -166,7 +184,17 @@ def _check_inputs(
         raise ValueError(f"points_per_pixel must be a positive int, got {points_per_pixel!r}")
     if not _is_real(background):
         raise ValueError(f"background must be a number, got {background!r}")
-    return int(image_size[0]), int(image_size[1])
+    if features.shape[-1] == 0:
+        raise ValueError(f"features must have at least one channel (C > 0), got shape {tuple(features.shape)}")
+    height, width = int(image_size[0]), int(image_size[1])
+    slots = num_clouds * height * width * points_per_pixel
+    if slots > MAX_FRAGMENT_SLOTS:
+        raise ValueError(
+            f"points_per_pixel={points_per_pixel} with {num_clouds} clouds at image_size=({height}, {width}) needs "
+            f"N * H * W * K = {slots:,} fragment slots, more than MAX_FRAGMENT_SLOTS = {MAX_FRAGMENT_SLOTS:,} "
+            f"(about 40 bytes each); lower points_per_pixel or image_size, or render fewer clouds per call"
+        )
+    return height, width
 
 
 def _is_int(value) -> bool:
@@ -198,6 +226,11 @@ def _pixel_centres(length: int, other: int, dtype: torch.dtype, device: torch.de
     return (ndc_range * flipped + offset) / length - offset
 
 
+def _min_depth(dtype: torch.dtype) -> float:
+    """Smallest depth drawn: 1 / Z**2 (in the projection's gradient) stays a finite number of `dtype`."""
+    return math.sqrt(torch.finfo(dtype).tiny)
+
+
 def _rasterize(
     points: torch.Tensor,
     focal: torch.Tensor,
@@ -208,12 +241,14 @@ def _rasterize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Find the K nearest hits of every pixel (no autograd); centres are the (W,) and (H,) pixel centres.
 
+    Points are tested in chunks, each merged with the hits kept so far, so that memory stays
+    proportional to N * H * W * K whatever the radius and the number of points.
     Returns, for the kept hits sorted by (pixel, depth, point index):
     `point` (M,) packed point index, `pixel` (M,) packed pixel index n*H*W + i*W + j,
     `slot` (M,) position in the flattened (N*H*W*K) fragment buffers, and `by_point` (M,)
     the permutation that lists the same hits sorted by point index.
     """
-    num_points = points.shape[1]
+    num_clouds, num_points = points.shape[:2]
     height, width = row_centres.numel(), col_centres.numel()
     short_side = min(height, width)
     device = points.device
@@ -227,7 +262,7 @@ def _rasterize(
     reach = radius * short_side / 2 + _FOOTPRINT_MARGIN
     drawable = (
         torch.isfinite(points).all(dim=-1)
-        & (points[..., 2] >= 0)
+        & (points[..., 2] >= _min_depth(points.dtype))
         & (col > -reach - 1)
         & (col < width + reach)
         & (row > -reach - 1)
@@ -235,49 +270,63 @@ def _rasterize(
     )
     point = drawable.flatten().nonzero().squeeze(1)  # packed indices, ascending
     x, y, col, row = (t.flatten()[point] for t in (x, y, col, row))
+    depth = points[..., 2].flatten()[point]
 
-    # Candidate pixels: the integers inside [c - reach, c + reach] on each axis.
+    # Candidate pixels: the integers inside [c - reach, c + reach] on each axis, clipped to the
+    # image; a window of min(span, side) pixels placed inside the image holds all of them.
     span = math.floor(2 * reach) + 1
-    steps = torch.arange(span, device=device)
-    cand_col = torch.ceil(col - reach).long()[:, None] + steps  # (Q, span)
-    cand_row = torch.ceil(row - reach).long()[:, None] + steps
-    col_ok = (cand_col >= 0) & (cand_col < width)
-    row_ok = (cand_row >= 0) & (cand_row < height)
-    cand_col, cand_row = cand_col.clamp(0, width - 1), cand_row.clamp(0, height - 1)
-    dx = col_centres[cand_col] - x[:, None]
-    dy = row_centres[cand_row] - y[:, None]
-    dist2 = dx[:, None, :] * dx[:, None, :] + dy[:, :, None] * dy[:, :, None]  # (Q, span_row, span_col)
-    hit = (dist2 < radius2) & row_ok[:, :, None] & col_ok[:, None, :]
+    span_row, span_col = min(span, height), min(span, width)
+    first_row = torch.ceil(row - reach).clamp(0, height - span_row).long()
+    first_col = torch.ceil(col - reach).clamp(0, width - span_col).long()
+    steps_row, steps_col = torch.arange(span_row, device=device), torch.arange(span_col, device=device)
+    budget = max(num_clouds * height * width * num_kept, _MIN_CHUNK_CANDIDATES)
+    chunk = max(1, budget // (span_row * span_col))
 
-    # Hits come out ordered by point index; sort them by (pixel, depth) keeping that order for ties.
-    hit_q, hit_r, hit_c = hit.nonzero(as_tuple=True)
-    hit_point = point[hit_q]
-    hit_pixel = (hit_point // num_points) * (height * width) + cand_row[hit_q, hit_r] * width + cand_col[hit_q, hit_c]
-    depth = points.reshape(-1, 3)[hit_point, 2]
-    order = _pixel_depth_order(hit_pixel, depth)
-    pixel = hit_pixel[order]
+    # Hits so far, in stream order (by point index, then pixel): (point, pixel, depth).
+    stream: tuple[torch.Tensor, ...] = ()
+    starts = range(0, max(point.numel(), 1), chunk)
+    for start in starts:
+        part = slice(start, start + chunk)
+        cand_row = first_row[part, None] + steps_row  # (q, span_row)
+        cand_col = first_col[part, None] + steps_col  # (q, span_col)
+        dx = col_centres[cand_col] - x[part, None]
+        dy = row_centres[cand_row] - y[part, None]
+        dist2 = dx[:, None, :] * dx[:, None, :] + dy[:, :, None] * dy[:, :, None]  # (q, span_row, span_col)
+        hit_q, hit_r, hit_c = (dist2 < radius2).nonzero(as_tuple=True)  # ordered by point index
+        hit_point = point[part][hit_q]
+        hit_pixel = (hit_point // num_points) * (height * width) + cand_row[hit_q, hit_r] * width + cand_col[hit_q, hit_c]
+        new = (hit_point, hit_pixel, depth[part][hit_q])
+        # Earlier chunks hold smaller point indices, so appending keeps the stream order.
+        stream = tuple(torch.cat(pair) for pair in zip(stream, new)) if stream else new
+        hit_point, hit_pixel, hit_depth = stream
 
-    # Rank of each hit within its pixel, then keep the first K.
-    position = torch.arange(pixel.numel(), device=device)
-    starts_group = torch.ones_like(pixel, dtype=torch.bool)
-    starts_group[1:] = pixel[1:] != pixel[:-1]
-    rank = position - torch.where(starts_group, position, 0).cummax(dim=0).values
-    keep = rank < num_kept
-    kept_order = order[keep]
-    pixel, slot = pixel[keep], pixel[keep] * num_kept + rank[keep]
+        # Sort by (pixel, depth), keeping the stream order for ties; rank within the pixel, keep K.
+        order = _pixel_depth_order(hit_pixel, hit_depth)
+        pixel = hit_pixel[order]
+        position = torch.arange(pixel.numel(), device=device)
+        starts_group = torch.ones_like(pixel, dtype=torch.bool)
+        starts_group[1:] = pixel[1:] != pixel[:-1]
+        rank = position - torch.where(starts_group, position, 0).cummax(dim=0).values
+        keep = rank < num_kept
+        kept_order = order[keep]
+        # Position of each kept hit in the sorted list, at its stream position (-1: dropped).
+        index_in_kept = torch.full_like(order, -1)
+        index_in_kept[kept_order] = torch.arange(kept_order.numel(), device=device)
+        in_stream = index_in_kept >= 0
+        if start + chunk < point.numel():
+            stream = tuple(t[in_stream] for t in stream)
 
-    # The kept hits listed by point index: positions of kept_order in ascending order.
-    index_in_kept = torch.full_like(order, -1)
-    index_in_kept[kept_order] = torch.arange(kept_order.numel(), device=device)
-    by_point = index_in_kept[index_in_kept >= 0]
-    return hit_point[kept_order], pixel, slot, by_point
+    # The kept hits listed by point index: their sorted positions, in stream order.
+    by_point = index_in_kept[in_stream]
+    pixel = pixel[keep]
+    return hit_point[kept_order], pixel, pixel * num_kept + rank[keep], by_point
 
 
 def _pixel_depth_order(pixel: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """Stable permutation sorting hits by (pixel, depth); hits have finite depth > 0."""
     if depth.dtype == torch.float32:
         # Positive finite float32 bit patterns sort like the values, so one int64 key does it
-        # (pixel < 2**32 always holds in practice: that would be a 16 GB single-channel image).
+        # (pixel < 2**32 holds: N * H * W <= MAX_FRAGMENT_SLOTS = 2**28).
         key = pixel * 2**31 + depth.view(torch.int32).long()
         return torch.sort(key, stable=True).indices
     by_depth = torch.sort(depth, stable=True).indices
