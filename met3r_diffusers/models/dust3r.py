@@ -25,6 +25,8 @@ _INF = float("inf")
 # training-time `ManyAR_PatchEmbed` to `PatchEmbedDust3R` (with `landscape_only=False`) for
 # inference, and this implementation always runs that inference configuration.
 _PATCH_EMBEDS = ("PatchEmbedDust3R", "ManyAR_PatchEmbed")
+# what a checkpoint of each network holds: official class name and head type (to name the right loader)
+_CHECKPOINT_KINDS = {"DUSt3R": ("AsymmetricCroCo3DStereo", "dpt"), "MASt3R": ("AsymmetricMASt3R", "catmlp+dpt")}
 
 
 def _as_float(value: Any) -> float:
@@ -32,7 +34,7 @@ def _as_float(value: Any) -> float:
     return float(value) if isinstance(value, str) else value
 
 
-def _parse_mode(value: Sequence[Any], name: str) -> tuple[str, float, float]:
+def parse_mode(value: Sequence[Any], name: str) -> tuple[str, float, float]:
     """Normalise an official `(kind, vmin, vmax)` mode (JSON lists and "inf" strings allowed)."""
     if isinstance(value, str) or len(value) != 3:
         raise ValueError(f"{name} must be (kind, vmin, vmax), got {value!r}")
@@ -42,12 +44,13 @@ def _parse_mode(value: Sequence[Any], name: str) -> tuple[str, float, float]:
     return kind, vmin, vmax
 
 
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """bf16 / fp16 (a head under CPU autocast) -> float32; float32 and float64 unchanged."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _exp_confidence(raw: torch.Tensor, mode: tuple[str, float, float]) -> torch.Tensor:
+def exp_confidence(raw: torch.Tensor, mode: tuple[str, float, float]) -> torch.Tensor:
+    """Official "exp" confidence: `vmin + exp(raw)`, capped at `vmax` (mode from `parse_mode`)."""
     _, vmin, vmax = mode
     return vmin + raw.exp().clamp(max=vmax - vmin)
 
@@ -127,10 +130,10 @@ class DUSt3R(nn.Module):
             raise ValueError(f"pos_embed: only 'RoPE<base>' (e.g. 'RoPE100') is supported, got {pos_embed!r}")
         if dec_depth < 10:
             raise ValueError(f"dec_depth must be at least 10 for the DPT head, got {dec_depth}")
-        self.depth_mode = _parse_mode(depth_mode, "depth_mode")
+        self.depth_mode = parse_mode(depth_mode, "depth_mode")
         if self.depth_mode[1:] != (-_INF, _INF):
             raise ValueError(f"depth_mode: bounded depth is not supported, got {depth_mode!r}")
-        self.conf_mode = _parse_mode(conf_mode, "conf_mode")
+        self.conf_mode = parse_mode(conf_mode, "conf_mode")
         self._check_head(head_type, output_mode)
         # constructor arguments as save_pretrained writes them (the inference patch embedding)
         self.config = {
@@ -180,11 +183,11 @@ class DUSt3R(nn.Module):
 
     def _points_and_conf(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw DPT output (B, 4, H, W) -> {"pts3d": (B, H, W, 3), "conf": (B, H, W)}, at least float32."""
-        fmap = _at_least_float32(raw).permute(0, 2, 3, 1)
+        fmap = at_least_float32(raw).permute(0, 2, 3, 1)
         xyz = fmap[..., 0:3]
         depth = xyz.norm(dim=-1, keepdim=True)
         pts3d = xyz / depth.clamp(min=1e-8) * torch.expm1(depth)
-        return {"pts3d": pts3d, "conf": _exp_confidence(fmap[..., 3], self.conf_mode)}
+        return {"pts3d": pts3d, "conf": exp_confidence(fmap[..., 3], self.conf_mode)}
 
     # --- loading ---
 
@@ -199,6 +202,21 @@ class DUSt3R(nn.Module):
                 state_dict[dec2 + key[len(dec1):]] = state_dict[key]
 
     @classmethod
+    def _check_kind(cls, checkpoint: hub.Checkpoint, source: str) -> None:
+        """Raise ValueError naming the right class when a checkpoint holds the other network."""
+        own_head = next(head for official, head in _CHECKPOINT_KINDS.values() if official == cls._official_class_name)
+        head = checkpoint.config.get("head_type")
+        for name, (official, head_type) in _CHECKPOINT_KINDS.items():
+            if official != cls._official_class_name and (
+                checkpoint.class_name == official or (checkpoint.class_name is None and head == head_type)
+            ):
+                raise ValueError(
+                    f"{source}: checkpoint holds a {official} ({name}, head_type {head_type!r}), but {cls.__name__} "
+                    f"loads {cls._official_class_name} (head_type: only {own_head!r} is supported for "
+                    f"{cls.__name__}); load it with {name}.from_pretrained"
+                )
+
+    @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike,
@@ -211,14 +229,20 @@ class DUSt3R(nn.Module):
         checkpoint = hub.load_pretrained(
             name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
+        source = checkpoint.source or str(name_or_path)
+        cls._check_kind(checkpoint, source)
         if checkpoint.class_name is not None and checkpoint.class_name != cls._official_class_name:
             raise ValueError(
-                f"{name_or_path}: checkpoint holds a {checkpoint.class_name}, "
+                f"{source}: checkpoint holds a {checkpoint.class_name}, "
                 f"but {cls.__name__} loads {cls._official_class_name}"
             )
+        hub.validate_config(cls, checkpoint.config, source)
         kwargs = {**cls._official_defaults, **checkpoint.config}
-        with torch.device("meta"):
-            model = cls(**kwargs)
+        try:
+            with torch.device("meta"):
+                model = cls(**kwargs)
+        except ValueError as err:  # the constructor names the argument
+            raise ValueError(f"{source}: {err}") from err
         state_dict = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
         hub.load_state_dict_strict(model, state_dict, assign=True, source=str(name_or_path))
         return model.eval()

@@ -16,9 +16,8 @@ instead of storing them.
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import pickle
-import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Union
@@ -28,7 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import hub
 from .dino import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoFeaturizer
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ChannelNorm", "DinoFeatUp", "JBUStack", "JBUStage"]
 
@@ -41,6 +43,10 @@ FEATUP_NO_NORM_CHECKPOINT_URL = (
     "https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/pretrained/"
     "no_norm/dino16_jbu_stack_cocostuff.ckpt"
 )
+# The two URLs end in the same file name, which torch hub would cache under one name; each variant
+# gets its own cache file so that one can never be taken for the other.
+FEATUP_CACHE_FILE_NAMES = {True: "dino16_jbu_stack_cocostuff-use_norm.ckpt",
+                           False: "dino16_jbu_stack_cocostuff-no_norm.ckpt"}
 # DINO's own ViT-S/16 weights (what `torch.hub.load("facebookresearch/dino:main", "dino_vits16")` loads)
 DINO_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
 
@@ -367,38 +373,52 @@ def _key_list(keys: list[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _read_checkpoint(path_or_url: PathOrUrl, cache_dir: PathOrUrl | None, what: str) -> dict[str, torch.Tensor]:
-    """State dict from a local file (.ckpt / .pth / .safetensors) or a URL (downloaded once by torch.hub)."""
-    location = os.fspath(path_or_url)
-    try:
-        if location.startswith(("http://", "https://")):
-            model_dir = os.fspath(cache_dir) if cache_dir is not None else os.path.join(torch.hub.get_dir(), "checkpoints")
-            target = os.path.join(model_dir, os.path.basename(urllib.parse.urlparse(location).path))
-            try:
-                checkpoint = torch.hub.load_state_dict_from_url(location, model_dir=model_dir, map_location="cpu",
-                                                                weights_only=True)
-            except OSError as err:  # no network (URLError), HTTP errors, unwritable cache
-                raise FileNotFoundError(
-                    f"the {what} checkpoint is not cached and could not be downloaded from {location} ({err}). "
-                    f"Download it on a machine with network access and put it at {target}, or pass its local path."
-                ) from err
-        else:
-            path = Path(location)
-            if not path.is_file():
-                raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+def featup_checkpoint(use_norm: bool) -> tuple[str, str]:
+    """(URL, cache file name) of FeatUp's dino16 checkpoint with (use_norm=True) or without ChannelNorm."""
+    return (FEATUP_CHECKPOINT_URL if use_norm else FEATUP_NO_NORM_CHECKPOINT_URL), FEATUP_CACHE_FILE_NAMES[use_norm]
 
-                return load_file(str(path))
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{location}: cannot read this {what} checkpoint safely (weights_only=True): {err}") from err
+
+def _read_checkpoint(path_or_url: PathOrUrl, cache_dir: PathOrUrl | None, what: str,
+                     file_name: str | None = None) -> tuple[dict[str, torch.Tensor], Path]:
+    """(state dict, local file) from a local .ckpt / .pth / .safetensors or a URL (downloaded once)."""
+    location = os.fspath(path_or_url)
+    if location.startswith(("http://", "https://")):
+        path = hub.cached_download(location, file_name, cache_dir, what)
+    else:
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), path
+        except Exception as err:  # safetensors' own error type: truncated or corrupt
+            raise ValueError(f"{path}: cannot read this {what} safetensors file (truncated or corrupt?): {err}") from err
+    checkpoint = hub.load_torch_file(path)
     # Lightning checkpoints (FeatUp's) keep the weights under "state_dict"
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{location}: expected a state dict (or a Lightning checkpoint holding one)")
-    return checkpoint
+        raise ValueError(f"{path}: expected a {what} state dict (or a Lightning checkpoint holding one)")
+    return checkpoint, path
+
+
+def _check_featup_variant(state_dict: dict[str, torch.Tensor], use_norm: bool, path: Path) -> None:
+    """Refuse files that are not FeatUp dino16 checkpoints, or that are the other use_norm variant."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in state_dict)
+
+    if not (has("upsampler.") or has("model.0.model.") or has("model.model.")):
+        raise ValueError(f"{path}: not a FeatUp dino16 checkpoint (no upsampler.* or DINO model.* keys; "
+                         f"it holds {_key_list(sorted(state_dict), 5)})")
+    with_norm, without_norm = has("model.0.model.") or has("model.1.norm."), has("model.model.")
+    if (use_norm and without_norm) or (not use_norm and with_norm):
+        raise ValueError(
+            f"{path}: this is FeatUp's use_norm={not use_norm} checkpoint (its backbone / ChannelNorm keys say so), "
+            f"but use_norm={use_norm} was asked. Delete it if it is a wrongly cached file; the use_norm={use_norm} "
+            f"file is {featup_checkpoint(use_norm)[0]}, cached as {FEATUP_CACHE_FILE_NAMES[use_norm]}."
+        )
 
 
 class DinoFeatUp(nn.Module):
@@ -485,19 +505,34 @@ class DinoFeatUp(nn.Module):
         Args:
             path_or_url: local checkpoint (Lightning `.ckpt` with "state_dict", plain state dict
                 `.pth`, or `.safetensors`) or URL; default: FeatUp's `dino16_jbu_stack_cocostuff.ckpt`
-                (the `no_norm/` variant when `use_norm=False`).
+                (the `no_norm/` variant when `use_norm=False`), cached under a per-variant name
+                (`FEATUP_CACHE_FILE_NAMES`).
             cache_dir: download directory (torch.hub's `model_dir`); default `<torch hub dir>/checkpoints`.
             dino_path_or_url: DINO ViT-S/16 weights used only when the FeatUp checkpoint carries no
                 backbone weights; default: DINO's `dino_deitsmall16_pretrain.pth`.
+
+        A checkpoint without `model.1.norm.*` keeps ChannelNorm at its defaults (weight 1, bias 0), as
+        the original's non-strict load does. Files that are not FeatUp checkpoints, or the other
+        `use_norm` variant, raise a ValueError naming the file.
         """
         model = cls(use_norm=use_norm, upsampler=upsampler)
+        file_name = None
         if path_or_url is None:
-            path_or_url = FEATUP_CHECKPOINT_URL if use_norm else FEATUP_NO_NORM_CHECKPOINT_URL
-        state_dict = _read_checkpoint(path_or_url, cache_dir, "FeatUp")
+            path_or_url, file_name = featup_checkpoint(use_norm)
+        state_dict, path = _read_checkpoint(path_or_url, cache_dir, "FeatUp", file_name)
+        _check_featup_variant(state_dict, use_norm, path)
+        source = str(path)
         dino_prefix = "model.0.model." if use_norm else "model.model."
         if not any(k.startswith(dino_prefix) for k in state_dict):
             # the official hub model keeps the DINO weights it fetched itself for keys the checkpoint lacks
-            dino = _read_checkpoint(dino_path_or_url or DINO_CHECKPOINT_URL, cache_dir, "DINO ViT-S/16")
+            dino, dino_path = _read_checkpoint(dino_path_or_url or DINO_CHECKPOINT_URL, cache_dir, "DINO ViT-S/16")
             state_dict = {**state_dict, **{dino_prefix + k: v for k, v in dino.items()}}
-        model.load_state_dict(state_dict)
+            source += f" + {dino_path}"
+        if use_norm and not any(k.startswith("model.1.norm.") for k in state_dict):
+            logger.info("%s holds no ChannelNorm weights: keeping its defaults (weight 1, bias 0)", path)
+            state_dict = {**state_dict, **{k: v for k, v in model.state_dict().items() if k.startswith("model.1.norm.")}}
+        try:
+            model.load_state_dict(state_dict)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
         return model.eval()

@@ -8,6 +8,7 @@ pixel of each 16x16 patch.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from torch import nn
 
 from .croco import Mlp
 from .dpt import DPTHead
-from .dust3r import _INF, DUSt3R, _at_least_float32, _exp_confidence, _parse_mode
+from .dust3r import DUSt3R, at_least_float32, exp_confidence, parse_mode
 
 
 class _CatMlpDPTHead(nn.Module):
@@ -59,7 +60,7 @@ class MASt3R(DUSt3R):
         head_type: str = "catmlp+dpt",
         desc_mode: str = "norm",
         two_confs: bool = True,
-        desc_conf_mode: Sequence[Any] | None = ("exp", 0, _INF),
+        desc_conf_mode: Sequence[Any] | None = ("exp", 0, math.inf),
         **kwargs: Any,
     ):
         if desc_mode != "norm":
@@ -69,7 +70,7 @@ class MASt3R(DUSt3R):
         self.two_confs = bool(two_confs)
         super().__init__(output_mode=output_mode, head_type=head_type, **kwargs)
         self.desc_conf_mode = (
-            self.conf_mode if desc_conf_mode is None else _parse_mode(desc_conf_mode, "desc_conf_mode")
+            self.conf_mode if desc_conf_mode is None else parse_mode(desc_conf_mode, "desc_conf_mode")
         )
         self.config.update(desc_mode="norm", two_confs=self.two_confs, desc_conf_mode=list(self.desc_conf_mode))
 
@@ -89,12 +90,12 @@ class MASt3R(DUSt3R):
         """Points and confidence, plus "desc" (unit norm) and "desc_conf" unless descriptors=False."""
         if not descriptors:
             return self._points_and_conf(head.dpt(tokens, image_size))
-        raw = _at_least_float32(head(tokens, image_size))
+        raw = at_least_float32(head(tokens, image_size))
         out = self._points_and_conf(raw[:, :4])
         desc = raw[:, 4 : 4 + self.desc_dim].permute(0, 2, 3, 1)
         out["desc"] = desc / desc.norm(dim=-1, keepdim=True)
         if self.two_confs:
-            out["desc_conf"] = _exp_confidence(raw[:, 4 + self.desc_dim], self.desc_conf_mode)
+            out["desc_conf"] = exp_confidence(raw[:, 4 + self.desc_dim], self.desc_conf_mode)
         else:
             out["desc_conf"] = out["conf"].clone()
         return out
