@@ -1,12 +1,16 @@
 """render_points against PyTorch3D's golden outputs (parity/raster) and a brute-force reference."""
 
 import importlib.util
+import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from _parity import load_json, load_tensors
 
-from met3r_diffusers.render import RenderOutput, overlap_mask, render_points
+from met3r_diffusers.render import MAX_FRAGMENT_SLOTS, RenderOutput, overlap_mask, render_points
 
 RASTER = "raster"
 CASES = ["scene_48x64", "scene_64x64", "scene_dense_32x32", "random_32x40", "sparse_32x32"]
@@ -106,7 +110,8 @@ def _brute_force(points, features, focal, height, width, radius, num_kept, backg
     y = (focal[:, None, 1] * -points[..., 1]) / points[..., 2]
     dists = (xs[None, None, None, :] - x[..., None, None]) ** 2 + (ys[None, None, :, None] - y[..., None, None]) ** 2
     r2 = torch.tensor(radius, dtype=dtype) ** 2
-    finite = torch.isfinite(points).all(-1) & (points[..., 2] >= 0)
+    near = math.sqrt(torch.finfo(dtype).tiny)  # the smallest depth drawn
+    finite = torch.isfinite(points).all(-1) & (points[..., 2] >= near)
     hit = (dists < r2) & finite[..., None, None]  # (N, P, H, W)
     depth = torch.where(hit, points[..., 2, None, None].expand_as(hit), torch.inf)
     order = torch.sort(depth.detach(), dim=1, stable=True).indices[:, :num_kept]  # (N, K, H, W)
@@ -166,45 +171,130 @@ def _render_with_grads_bf(points, features, focal, grad_seed, size, image_size, 
     return out, points.grad, features.grad
 
 
-def test_gradcheck_float64():
-    # Continuous depths (no ties, whose order a finite difference would flip).
-    g = torch.Generator().manual_seed(3)
-    z = 1 + torch.rand(2, 24, 1, generator=g, dtype=torch.float64)
-    points = torch.cat([(torch.rand(2, 24, 2, generator=g, dtype=torch.float64) - 0.5) * z, z], -1)
-    features = torch.randn(2, 24, 2, generator=g, dtype=torch.float64)
-    focal = 1.5 + torch.rand(2, 2, generator=g, dtype=torch.float64)
-    inputs = (points.requires_grad_(True), features.requires_grad_(True), focal.requires_grad_(True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_footprints_clipped_to_the_image_and_many_points_match_brute_force(dtype):
+    # r = 1.2 on 32x32: each disk is 39 px wide, wider than the image, so every footprint is clipped;
+    # 5000 points x 1024 candidates exceed one rasterisation chunk (2**22 candidates), so the hits of
+    # several chunks are merged (depth ties across chunks must still go by point index).
+    g = torch.Generator().manual_seed(11)
+    z = torch.randint(2, 6, (1, 5000, 1), generator=g).to(dtype) * 0.5
+    xy = (torch.rand(1, 5000, 2, generator=g, dtype=dtype) * 2.4 - 1.2) * z
+    points, features = torch.cat([xy, z], -1), torch.randn(1, 5000, 3, generator=g, dtype=dtype)
+    focal = torch.tensor([[1.0, 1.2]], dtype=dtype)
+    settings = dict(image_size=(32, 32), radius=1.2, points_per_pixel=4, background=-3.0)
+    grad_seed = torch.randn(1, 32, 32, 3, generator=g, dtype=dtype)
+    out, grad_points, grad_features = _render_with_grads(points, features, focal, grad_seed, **settings)
+    ref, ref_grad_points, ref_grad_features = _render_with_grads_bf(
+        points, features, focal, grad_seed, (32, 32), **settings
+    )
+    assert (out.idx[..., -1] >= 0).all()
+    assert torch.equal(out.idx, ref.idx) and torch.equal(out.zbuf.detach(), ref.zbuf.detach())
+    torch.testing.assert_close(out.dists.detach(), ref.dists.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.images.detach(), ref.images.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_features, ref_grad_features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_points, ref_grad_points, rtol=1e-4, atol=1e-4 * ref_grad_points.abs().max().item())
 
-    def images(p, f, fo):
-        return render_points(p, f, fo, image_size=(6, 8), radius=0.35, points_per_pixel=3, background=0.0).images
 
-    assert (images(*inputs) != 0).sum() > 40
-    assert torch.autograd.gradcheck(images, inputs, eps=1e-7, atol=1e-5, rtol=1e-4)
+_BOUNDED_MEMORY_CHILD = """
+import resource, torch
+from met3r_diffusers.render import render_points
+torch.set_num_threads(1)
+render_points(torch.rand(1, 8, 3) + 1, torch.rand(1, 8, 2), torch.ones(1, 2), image_size=8)  # warm-up
+with open("/proc/self/statm") as f:
+    address_space = int(f.read().split()[0]) * resource.getpagesize()
+# Everything below must fit in 1 GiB more address space than the warmed-up interpreter uses.
+resource.setrlimit(resource.RLIMIT_AS, (address_space + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+one = torch.tensor([[[0.0, 0.0, 2.0]]])
+out = render_points(one, torch.ones(1, 1, 3), torch.ones(1, 2), image_size=32, radius=1e3)
+assert (out.idx[..., 0] == 0).all() and (out.idx[..., 1:] == -1).all()
+assert (out.images - 1).abs().max() < 1e-5  # alpha = 1 - d / r**2 is 1 to within 1e-5 everywhere
+
+g = torch.Generator().manual_seed(0)
+many = torch.cat([torch.rand(1, 4096, 2, generator=g) - 0.5, 1 + torch.randperm(4096, generator=g)[None, :, None]], -1)
+out = render_points(many, torch.rand(1, 4096, 8), torch.ones(1, 2), image_size=32, radius=1e3, points_per_pixel=10)
+nearest = torch.sort(many[0, :, 2]).indices[:10]
+assert (out.idx == nearest).all(), "every pixel keeps the 10 nearest points"
+
+try:
+    render_points(one, torch.ones(1, 1, 3), torch.ones(1, 2), image_size=32, points_per_pixel=10**6)
+except ValueError as error:
+    assert "points_per_pixel" in str(error) and "MAX_FRAGMENT_SLOTS" in str(error), error
+else:
+    raise AssertionError("points_per_pixel=10**6 on 32x32 was accepted")
+print("ok")
+"""
 
 
-# --- special points ------------------------------------------------------------------------------
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limit via /proc and RLIMIT_AS")
+def test_huge_radius_and_points_per_pixel_stay_within_one_gib():
+    """radius=1e3 allocated 16 GB for one point and K=10**6 on 32x32 gigabytes: now bounded, or refused early."""
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_BOUNDED_MEMORY_CHILD)], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-3000:]
 
 
-def test_non_finite_points_are_never_drawn_and_get_zero_gradient():
-    points, features, focal = _random_scene(5, 2, 300, 4)
-    bad = torch.zeros(2, 300, dtype=torch.bool)
-    bad[0, 50:60] = bad[1, 100:105] = True
-    broken = points.clone()
-    broken[0, 50:53, 0] = torch.nan
-    broken[0, 53:56, 2] = torch.inf
-    broken[0, 56:60, 1] = -torch.inf
-    broken[1, 100:105] = torch.nan
-    behind = torch.where(bad[..., None], torch.tensor([0.0, 0.0, -1.0]), points)  # a never-drawn stand-in
-    settings = dict(image_size=(20, 24), radius=0.2, points_per_pixel=5)
-    grad_seed = torch.randn(2, 20, 24, 4)
+def test_too_many_fragment_slots_is_refused_before_allocating():
+    points, features, focal = torch.rand(4, 3, 3), torch.rand(4, 3, 2), torch.ones(4, 2)
+    over = MAX_FRAGMENT_SLOTS // (4 * 32 * 32) + 1  # 4 clouds x 32 x 32 pixels x K: one K too many
+    with pytest.raises(ValueError, match=f"points_per_pixel={over} .* MAX_FRAGMENT_SLOTS"):
+        render_points(points, features, focal, image_size=32, points_per_pixel=over)
 
-    out, grad_points, grad_features = _render_with_grads(broken, features, focal, grad_seed, **settings)
-    ref, ref_grad_points, ref_grad_features = _render_with_grads(behind, features, focal, grad_seed, **settings)
-    assert torch.equal(out.idx, ref.idx) and torch.equal(out.images, ref.images)
-    assert not torch.isin(out.idx, bad.flatten().nonzero().squeeze(1)).any()
-    assert torch.isfinite(grad_points).all() and torch.isfinite(grad_features).all()
-    assert (grad_points[bad] == 0).all() and (grad_features[bad] == 0).all()
-    assert torch.equal(grad_points, ref_grad_points) and torch.equal(grad_features, ref_grad_features)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_points_at_depth_near_zero_are_not_drawn_and_gradients_stay_finite(dtype):
+    """Z ~ 1e-38 made 1 / Z**2 overflow: NaN point and focal gradients. Points with Z < sqrt(tiny) are not drawn."""
+    tiny = torch.finfo(dtype).tiny
+    near = [[0.0, 0.0, tiny], [0.0, 0.0, 0.99 * math.sqrt(tiny)], [0.0, 0.0, 0.0], [0.0, 0.0, -0.0]]
+    if dtype == torch.float32:
+        near += [[0.0, 0.0, 1e-38], [1e-39, 0.0, 1e-38], [1e-40, -1e-40, 1e-38], [0.0, 0.0, 1e-45], [1e-30, 0.0, 1e-30]]
+        drawn = [[0.01, 0.0, 1.0], [0.0, 0.0, 1e-18], [1e-19, 0.0, 1e-18], [0.0, 2e-19, 1e-18]]
+    else:
+        near += [[0.0, 0.0, 1e-300], [1e-301, 0.0, 1e-300], [1e-200, -1e-200, 1e-160]]
+        drawn = [[0.01, 0.0, 1.0], [0.0, 0.0, 1e-150], [1e-151, 0.0, 1e-150], [0.0, 2e-151, 1e-150]]
+    points = torch.tensor([near + drawn], dtype=dtype, requires_grad=True)
+    features = torch.randn(1, len(near) + len(drawn), 3, dtype=dtype, requires_grad=True)
+    focal = torch.ones(1, 2, dtype=dtype, requires_grad=True)
+    out = render_points(points, features, focal, image_size=8, radius=0.3, points_per_pixel=3)
+    (out.images.sum() + out.zbuf.sum() + out.dists.sum()).backward()
+
+    stored = set(out.idx[out.idx >= 0].tolist())
+    assert stored == set(range(len(near), len(near) + len(drawn)))
+    for grad in (points.grad, features.grad, focal.grad):
+        assert torch.isfinite(grad).all()
+    assert (points.grad[0, : len(near)] == 0).all() and (features.grad[0, : len(near)] == 0).all()
+    assert (points.grad[0, len(near) :] != 0).any(dim=-1).all()
+
+
+def test_non_finite_features_reach_only_the_pixels_of_their_point():
+    """Documented: features are not checked; NaN / inf show in the pixels (and channels) their point is kept in."""
+    points, features, focal = _random_scene(9, 2, 300, 4)
+    settings = dict(image_size=(20, 24), radius=0.2, points_per_pixel=5, background=0.0)
+    grad_seed = torch.randn(2, 20, 24, 4, generator=torch.Generator().manual_seed(3))
+    drawn = render_points(points, features, focal, **settings).idx
+    nan_point, inf_point = (int(p) for p in drawn[0][drawn[0] >= 0].unique()[[0, -1]])
+    broken = features.clone()
+    broken[0, nan_point, 1] = torch.nan
+    broken[0, inf_point, 2] = torch.inf
+    zeroed = features.clone()
+    zeroed[0, [nan_point, inf_point], 1:3] = 0.0
+
+    out, _, grad_features = _render_with_grads(points, broken, focal, grad_seed, **settings)
+    ref, ref_grad_points, ref_grad_features = _render_with_grads(points, zeroed, focal, grad_seed, **settings)
+    has_nan, has_inf = (out.idx == nan_point).any(-1), (out.idx == inf_point).any(-1)
+    assert has_nan.any() and has_inf.any()
+    assert torch.isnan(out.images[..., 1][has_nan]).all() and torch.isinf(out.images[..., 2][has_inf]).all()
+    untouched = ~(has_nan | has_inf)
+    assert torch.equal(out.images[untouched], ref.images[untouched])
+    assert torch.equal(out.images[..., [0, 3]], ref.images[..., [0, 3]])
+    # The feature gradient does not depend on feature values: identical, and finite.
+    assert torch.equal(grad_features, ref_grad_features) and torch.isfinite(grad_features).all()
+    # The other cloud is unaffected, point gradients included.
+    points_grad = points.clone().requires_grad_(True)
+    (render_points(points_grad, broken, focal, **settings).images[1] * grad_seed[1]).sum().backward()
+    assert torch.isfinite(points_grad.grad[1]).all()
+    assert torch.equal(out.images[1], ref.images[1])
 
 
 def test_points_behind_camera_or_outside_image_leave_the_image_empty():
@@ -323,6 +413,7 @@ def _good_inputs():
         (dict(features=torch.rand(3, 5, 4)), "features"),
         (dict(features=torch.rand(2, 6, 4)), "features"),
         (dict(features=torch.rand(2, 5)), "features"),
+        (dict(features=torch.rand(2, 5, 0)), "features must have at least one channel"),
         (dict(features=torch.rand(2, 5, 4, dtype=torch.float64)), "features"),
         (dict(focal=torch.ones(3, 2)), "focal"),
         (dict(focal=torch.ones(2)), "focal"),
