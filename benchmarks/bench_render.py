@@ -12,15 +12,23 @@ forward+backward runs. The peak only ever grows, so each reading is the process 
 point; the deltas are what rendering added on top of the inputs.
 
     python benchmarks/bench_render.py [--repeats 5] [--threads 2] [--size 256] [--channels 384]
+                                      [--baseline OLD_RENDER_PY]
+
+`--baseline` takes another copy of render.py (e.g. `git show REV:met3r_diffusers/render.py >
+/tmp/render_old.py`) and times it interleaved with the current one in the same process, so the
+printed ratios (current / baseline) are not skewed by other load on a shared machine; peak RSS
+then covers both renderers. A quick setting: `--repeats 3 --size 128`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -51,7 +59,36 @@ def make_workload(size: int, channels: int, seed: int = 0) -> tuple[torch.Tensor
 
 
 def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_baseline(path: str) -> Callable:
+    """`render_points` of another copy of render.py (it must import nothing relative)."""
+    spec = importlib.util.spec_from_file_location("baseline_render", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.render_points
+
+
+def time_forward(render: Callable, points, features, focal, settings) -> float:
+    """Seconds for one render without gradients."""
+    start = time.perf_counter()
+    render(points.detach(), features.detach(), focal, **settings)
+    return time.perf_counter() - start
+
+
+def time_backward(render: Callable, points, features, focal, grad_seed, settings) -> float:
+    """Seconds for one render plus the backward pass w.r.t. points and features."""
+    points, features = points.detach().requires_grad_(True), features.detach().requires_grad_(True)
+    start = time.perf_counter()
+    (render(points, features, focal, **settings).images * grad_seed).sum().backward()
+    return time.perf_counter() - start
+
+
+def summary(times: list[float]) -> str:
+    """Median and min of the timed runs (the first, a warm-up, is left out)."""
+    return f"median {statistics.median(times[1:]):.3f} s (min {min(times[1:]):.3f} s, {len(times) - 1} runs)"
 
 
 def main() -> None:
@@ -60,48 +97,42 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--channels", type=int, default=384)
+    parser.add_argument("--baseline", default=None, help="another render.py to time interleaved with this one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     points, features, focal = make_workload(args.size, args.channels)
     settings = dict(image_size=args.size, radius=0.01, points_per_pixel=10, background=-10000.0)
     grad_seed = torch.randn(2, args.size, args.size, args.channels)
+    renders = {"current": render_points}
+    if args.baseline:
+        renders["baseline"] = load_baseline(args.baseline)
     rss_inputs = peak_rss_mb()
 
-    forward_times = []
-    for _ in range(args.repeats + 1):  # first run is a warm-up
-        start = time.perf_counter()
-        out = render_points(points, features, focal, **settings)
-        forward_times.append(time.perf_counter() - start)
-        del out
+    forward = {name: [] for name in renders}
+    for repeat in range(args.repeats + 1):  # first run is a warm-up
+        for name in list(renders)[:: 1 if repeat % 2 else -1]:  # alternate the order
+            forward[name].append(time_forward(renders[name], points, features, focal, settings))
     rss_forward = peak_rss_mb()
-
-    points.requires_grad_(True)
-    features.requires_grad_(True)
-    backward_times = []
-    for _ in range(args.repeats + 1):
-        points.grad = features.grad = None
-        start = time.perf_counter()
-        out = render_points(points, features, focal, **settings)
-        (out.images * grad_seed).sum().backward()
-        backward_times.append(time.perf_counter() - start)
-        del out
+    backward = {name: [] for name in renders}
+    for repeat in range(args.repeats + 1):
+        for name in list(renders)[:: 1 if repeat % 2 else -1]:
+            backward[name].append(time_backward(renders[name], points, features, focal, grad_seed, settings))
     rss_backward = peak_rss_mb()
 
-    hit = (render_points(points.detach(), features.detach(), focal, **settings).idx[..., 0] >= 0).float().mean()
+    hit = (render_points(points, features, focal, **settings).idx[..., 0] >= 0).float().mean()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {sys.version.split()[0]}")
     print(
         f"workload: 2 clouds x {args.size * args.size} points, {args.size}x{args.size}, K=10, r=0.01, "
         f"C={args.channels}, focal {focal[0].tolist()}, {100 * hit:.1f}% pixels hit"
     )
-    print(
-        f"forward:            median {statistics.median(forward_times[1:]):.3f} s "
-        f"(min {min(forward_times[1:]):.3f} s, {args.repeats} runs)"
-    )
-    print(
-        f"forward + backward: median {statistics.median(backward_times[1:]):.3f} s "
-        f"(min {min(backward_times[1:]):.3f} s, {args.repeats} runs)"
-    )
+    for name in renders:
+        print(f"{name:8s} forward:            {summary(forward[name])}")
+        print(f"{name:8s} forward + backward: {summary(backward[name])}")
+    if args.baseline:
+        for label, times in (("forward", forward), ("forward + backward", backward)):
+            ratio = statistics.median(times["current"][1:]) / statistics.median(times["baseline"][1:])
+            print(f"current / baseline, {label}: {ratio:.3f} (ratio of medians)")
     print(
         f"peak RSS (ru_maxrss): inputs {rss_inputs:.0f} MB, after forward {rss_forward:.0f} MB "
         f"(+{rss_forward - rss_inputs:.0f}), after forward+backward {rss_backward:.0f} MB "
