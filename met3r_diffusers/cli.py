@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, _natural_key
+from .data import IMAGE_EXTENSIONS, _natural_key, load_image, read_image_size
 from .distances import DISTANCES, dissimilarity
 from .views import PAIR_MODES
 
@@ -84,21 +84,22 @@ def load_views(files: Sequence[Path], size: int | None) -> torch.Tensor:
     crop to multiples of 16. Without `size` the views keep their size (cropped to multiples of 16)."""
     images = []
     for path in files:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if size is not None:
-                scale = size / min(image.size)
-                image = image.resize((max(round(image.width * scale), size), max(round(image.height * scale), size)),
-                                     Image.LANCZOS)
-            width, height = (image.width // _MULTIPLE) * _MULTIPLE, (image.height // _MULTIPLE) * _MULTIPLE
-            if min(width, height) == 0:
-                raise ValueError(f"{path}: {image.width}x{image.height} is smaller than {_MULTIPLE} pixels")
-            left, top = (image.width - width) // 2, (image.height - height) // 2
-            images.append(np.asarray(image.crop((left, top, left + width, top + height))))
+        target = None
+        if size is not None:
+            stored_height, stored_width = read_image_size(path)
+            scale = size / min(stored_height, stored_width)
+            target = (max(round(stored_height * scale), size), max(round(stored_width * scale), size))
+        image = load_image(path, target, Image.LANCZOS)
+        full_height, full_width = image.shape[1:]
+        width, height = (full_width // _MULTIPLE) * _MULTIPLE, (full_height // _MULTIPLE) * _MULTIPLE
+        if min(width, height) == 0:
+            raise ValueError(f"{path}: {full_width}x{full_height} is smaller than {_MULTIPLE} pixels")
+        left, top = (full_width - width) // 2, (full_height - height) // 2
+        images.append(image[:, top : top + height, left : left + width])
     if len({a.shape for a in images}) != 1:
-        shapes = sorted({f"{a.shape[1]}x{a.shape[0]}" for a in images})
+        shapes = sorted({f"{a.shape[2]}x{a.shape[1]}" for a in images})
         raise ValueError(f"views of one scene must share a size (got {', '.join(shapes)}); pass --size to resize")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.stack(images)
 
 
 def heatmap_overlay(view: torch.Tensor, score_map: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

@@ -11,6 +11,8 @@ Dataset format (one folder per scene under a root folder)::
       scene_0001/
         ...
 
+Views are read by `load_image` (also the CLI's reader): full bit depth (16-bit PNGs included), EXIF orientation
+applied, alpha composited over white; see docs/data.md for the formats, limits and errors.
 All views of a scene must share one size; without `resolution` all scenes must too. Intrinsics are in pixels
 of the stored images (OpenCV convention: +x right, +y down, +z forward) and are rescaled when `resolution`
 resizes the views. `make_toy_multiview_dataset` writes such a folder with procedural scenes (a textured floor,
@@ -18,10 +20,14 @@ spheres and boxes) ray-cast from cameras on an arc around the scene by a small p
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Sequence
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,145 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 PROMPT_FILE = "prompt.txt"
 CAMERAS_FILE = "cameras.json"
+
+# Pillow decodes 16-bit colour PNGs to 8 bits (it keeps each sample's high byte). Decoding the same data
+# again with another unpacker recovers the rest; the zip decoder's filtering does not depend on it.
+_WIDE_PNG_RAWMODES = {
+    "RGB;16B": "RGB;16L",  # the little-endian unpacker keeps the low bytes of big-endian samples
+    "RGBA;16B": "RGBA;16L",
+    "LA;16B": "RGBA",  # 4 bytes per pixel like 8-bit RGBA, whose unpacker keeps them all: L hi, L lo, A hi, A lo
+}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's 16-bit greyscale (I: 32-bit ints)
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@contextlib.contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """Re-raise Pillow's errors for a file that cannot or must not be decoded as ValueError naming the file."""
+    try:
+        yield
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"{path}: refusing to decode it, a possible decompression bomb ({error}); raise PIL.Image.MAX_IMAGE_PIXELS "
+            "(or set it to None) to read it anyway"
+        ) from error
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as error:
+        raise ValueError(f"{path}: not a readable image, corrupt or truncated ({type(error).__name__}: {error})") from error
+
+
+def _open(path: Path) -> Image.Image:
+    """Image.open that refuses more than PIL.Image.MAX_IMAGE_PIXELS pixels (Pillow itself only warns up to twice that)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} = {image.width * image.height:,} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS "
+            f"= {limit:,}"
+        )
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation (1-8, 1 when absent or invalid) known before the pixels are decoded."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # an eXIf chunk after the pixel data is not read (that would decode the whole image)
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation to (H, W, C) samples, as PIL.ImageOps.exif_transpose does."""
+    if orientation in (5, 6, 7, 8):
+        array = array.swapaxes(0, 1)  # transpose: 5 as is, 6 / 7 / 8 also flip one or both axes
+    flip_rows = orientation in (3, 4, 7, 8)
+    flip_cols = orientation in (2, 3, 6, 7)
+    return array[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1]
+
+
+def _repacked_png(path: Path, rawmode: str) -> np.ndarray:
+    """The pixels of a PNG decoded with another Pillow unpacker (same bits per pixel)."""
+    with _open(path) as image:
+        image.tile = [(*tile[:3], rawmode) for tile in image.tile]
+        image.load()
+        return np.asarray(image)
+
+
+def _samples(path: Path, image: Image.Image) -> tuple[np.ndarray, int]:
+    """Integer samples (H, W, C) with C = 1 (grey), 2 (grey, alpha), 3 (RGB) or 4 (RGBA), and their full scale."""
+    rawmode = image.tile[0][3] if image.format == "PNG" and len(image.tile) == 1 else None
+    if rawmode in _WIDE_PNG_RAWMODES:
+        other = _repacked_png(path, _WIDE_PNG_RAWMODES[rawmode]).astype(np.uint16)
+        if rawmode == "LA;16B":
+            return np.stack([other[..., 0] * 256 + other[..., 1], other[..., 2] * 256 + other[..., 3]], -1), 65535
+        return np.asarray(image).astype(np.uint16) * 256 + other, 65535
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(image).clip(0, 65535)[..., None], 65535
+    if image.mode == "CMYK":  # (1 - C)(1 - K) etc., exactly, on the scale 255 * 255
+        cmyk = np.asarray(image).astype(np.int32)
+        return (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]), 255 * 255
+    if image.mode in ("L", "LA", "RGB", "RGBA") and "transparency" not in image.info:
+        array = np.asarray(image)
+        return (array[..., None] if array.ndim == 2 else array), 255
+    # Palette, 1-bit, premultiplied, colour-keyed and other colour spaces: Pillow's conversion is exact here.
+    has_alpha = "transparency" in image.info or "A" in image.mode or "a" in image.mode
+    return np.asarray(image.convert("RGBA" if has_alpha else "RGB")), 255
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file as `load_image` returns it (EXIF orientation applied), reading only its header."""
+    path = Path(path)
+    with _image_errors(path), _open(path) as image:
+        transposed = _orientation(image) in _TRANSPOSED_ORIENTATIONS
+        width, height = image.size
+    return (width, height) if transposed else (height, width)
+
+
+def load_image(
+    path: str | Path, size: int | Sequence[int] | None = None, resample: int = Image.BICUBIC
+) -> torch.Tensor:
+    """Decode an image file to (3, H, W) float32 in [-1, 1] at its full bit depth (see docs/data.md).
+
+    Args:
+        path: a PNG, JPEG or WebP file (any format Pillow reads).
+        size: resize to this (H, W) (an int for a square) with `resample`; `None` keeps the size.
+        resample: a PIL resampling filter.
+
+    16-bit PNGs keep their 16 bits, greyscale becomes R = G = B, CMYK is converted as (1 - C)(1 - K), palette
+    images through their palette, the EXIF orientation is applied, and alpha (or a transparent colour) is
+    composited over white. 8-bit images without alpha give exactly what ``image.convert("RGB")`` gave.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: naming the file, when it is not a readable image (corrupt, truncated, unknown format), or
+            has more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (a possible decompression bomb).
+    """
+    path = Path(path)
+    target = _as_size(size)
+    with _image_errors(path), _open(path) as image:
+        orientation = _orientation(image)
+        samples, full_scale = _samples(path, image)
+    samples = _orient(samples, orientation)
+    if full_scale == 255 and samples.shape[-1] in (1, 3):  # plain 8-bit: resized in 8 bits, as before
+        pil = Image.fromarray(np.ascontiguousarray(samples[..., [0, 0, 0]] if samples.shape[-1] == 1 else samples))
+        if target is not None and pil.size != target[::-1]:
+            pil = pil.resize(target[::-1], resample)
+        return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    unit = samples.astype(np.float32) / full_scale
+    if unit.shape[-1] in (2, 4):  # straight alpha over a white background
+        unit, alpha = unit[..., :-1], unit[..., -1:]
+        unit = unit * alpha + (1.0 - alpha)
+    if unit.shape[-1] == 1:
+        unit = unit[..., [0, 0, 0]]
+    if target is not None and unit.shape[:2] != target:
+        channels = [Image.fromarray(np.ascontiguousarray(unit[..., c])).resize(target[::-1], resample) for c in range(3)]
+        unit = np.stack([np.asarray(channel) for channel in channels], -1).clip(0.0, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1) * 2.0 - 1.0
 
 
 def _natural_key(name: str) -> list:
@@ -103,15 +248,16 @@ class MultiViewFolderDataset(torch.utils.data.Dataset):
     def _check_sizes(self) -> tuple[int, int]:
         """All views of a scene (and, without `resolution`, of the dataset) must have one size; reads headers only."""
         dataset_size = None
+        self._stored_sizes: list[tuple[int, int]] = []
         for scene_dir, views in zip(self.scene_dirs, self.scenes):
             sizes = {}
             for path in views:
-                with Image.open(path) as image:
-                    sizes.setdefault(image.size[::-1], path.name)
+                sizes.setdefault(read_image_size(path), path.name)
             if len(sizes) > 1:
                 found = ", ".join(f"{name}: {h}x{w}" for (h, w), name in sizes.items())
                 raise ValueError(f"views of scene {scene_dir.name!r} have mismatched sizes (HxW) ({found})")
             (size,) = sizes
+            self._stored_sizes.append(size)
             if self.resolution is None and dataset_size is not None and size != dataset_size:
                 raise ValueError(
                     f"scene {scene_dir.name!r} has views of {size[0]}x{size[1]} but earlier scenes "
@@ -141,15 +287,8 @@ class MultiViewFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene_dir, views = self.scene_dirs[index], self.scenes[index]
-        images, stored_size = [], None
-        for path in views:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                stored_size = image.size[::-1]
-                if self.resolution is not None and stored_size != self.resolution:
-                    image = image.resize(self.resolution[::-1], Image.BICUBIC)
-                images.append(torch.from_numpy(np.asarray(image).copy()))
-        pixel_values = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        stored_size = self._stored_sizes[index]
+        pixel_values = torch.stack([load_image(path, self.resolution, Image.BICUBIC) for path in views])
         prompt_path = scene_dir / PROMPT_FILE
         item = {
             "pixel_values": pixel_values,
@@ -190,7 +329,7 @@ _COLOUR_NAMES = {
 }
 
 
-def _random_scene(generator: torch.Generator) -> dict[str, Any]:
+def random_toy_scene(generator: torch.Generator) -> dict[str, Any]:
     """Random scene description: a checkered floor, 1-2 striped spheres and 1-2 boxes inside a 2x2 area."""
 
     def uniform(low, high, n=1):
@@ -329,7 +468,7 @@ def make_toy_multiview_dataset(
     generator = torch.Generator().manual_seed(seed)
     intrinsics, cam_to_world = toy_cameras(num_views, size, azimuth_step)
     for index in range(num_scenes):
-        scene = _random_scene(generator)
+        scene = random_toy_scene(generator)
         images, _ = render_toy_scene(scene, intrinsics, cam_to_world, size)
         scene_dir = root / f"scene_{index:04d}"
         scene_dir.mkdir(parents=True, exist_ok=True)

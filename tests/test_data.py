@@ -12,6 +12,7 @@ from met3r_diffusers.data import (
     MultiViewFolderDataset,
     collate_multiview,
     make_toy_multiview_dataset,
+    random_toy_scene,
     render_toy_scene,
     toy_cameras,
 )
@@ -47,11 +48,9 @@ def test_toy_dataset_is_deterministic(tmp_path, toy_root):
 
 def test_toy_views_are_geometrically_consistent():
     """Reprojecting view 0's pixels with its depth and the stored cameras lands on the same colours in view 1."""
-    from met3r_diffusers.data import _random_scene
-
     size = (96, 128)
     intrinsics, cam_to_world = toy_cameras(2, size, azimuth_step=10.0)
-    images, depth = render_toy_scene(_random_scene(torch.Generator().manual_seed(3)), intrinsics, cam_to_world, size)
+    images, depth = render_toy_scene(random_toy_scene(torch.Generator().manual_seed(3)), intrinsics, cam_to_world, size)
     v, u = torch.meshgrid(torch.arange(size[0]) + 0.5, torch.arange(size[1]) + 0.5, indexing="ij")
     rays = torch.stack([u, v, torch.ones_like(u)], -1) @ torch.linalg.inv(intrinsics[0]).T
     points_cam0 = rays * depth[0][..., None]  # (H, W, 3), z = depth
