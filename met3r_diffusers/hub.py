@@ -286,6 +286,7 @@ class _AllowListUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         """Allow-listed global, inert placeholder, or UnpicklingError."""
+        module = "builtins" if module == "__builtin__" else module  # protocol 2 writes Python 2's name
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[module, name]
         if module == "torch" and name in _STORAGE_DTYPES:
