@@ -375,3 +375,46 @@ def test_eval_fixup_with_only_its_bias_trainable():
     assert torch.equal(stack.fixup_proj[1].bias.grad, torch.full((4,), 0.1 * 32 * 32))
     with torch.no_grad():
         assert torch.equal(stack(source, guidance), out.detach())
+
+
+def test_truncated_featup_files_name_the_file(tmp_path, state_dict):
+    from safetensors.torch import save_file
+
+    ckpt, safetensors = tmp_path / "featup.ckpt", tmp_path / "featup.safetensors"
+    torch.save({"state_dict": state_dict}, ckpt)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(safetensors))
+    for path in (ckpt, safetensors):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="truncated") as err:
+            DinoFeatUp.from_pretrained(path)
+        assert str(path) in str(err.value)
+
+
+def test_a_file_that_is_not_featup_is_refused_before_any_download(tmp_path, monkeypatch, state_dict):
+    def no_network(*args, **kwargs):
+        raise AssertionError("no download expected")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    dino = tmp_path / "dino_deitsmall16_pretrain.pth"  # DINO's own file passed as the FeatUp checkpoint
+    torch.save({k[len("model.0.model."):]: v for k, v in state_dict.items() if k.startswith("model.0.")}, dino)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, other)
+    for path in (dino, other):
+        with pytest.raises(ValueError, match="not a FeatUp dino16 checkpoint") as err:
+            DinoFeatUp.from_pretrained(path, cache_dir=tmp_path / "empty")
+        assert str(path) in str(err.value)
+
+
+def test_featup_url_without_network_fails_fast(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"put it at .*dino16_jbu_stack_cocostuff\.ckpt"):
+        DinoFeatUp.from_pretrained(f"http://127.0.0.1:{port}/no_norm/dino16_jbu_stack_cocostuff.ckpt",
+                                   cache_dir=tmp_path, use_norm=False, dino_path_or_url=tmp_path / "x.pth")
+    assert time.perf_counter() - start < 10

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -198,3 +199,55 @@ def test_offline_and_not_cached_error(tmp_path):
     assert "naver/MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric" in message
     assert "HF_HUB_OFFLINE=1" in message and str(tmp_path / "empty") in message
     assert "hf download" in message and ".pth" in message
+
+
+def test_malformed_config_names_file_and_key(tmp_path, reference):
+    reference[0].save_pretrained(tmp_path / "tiny")
+    config_file = tmp_path / "tiny" / "config.json"
+    good = json.loads(config_file.read_text())
+    cases = [
+        ({**good, "enc_dpth": 2}, r"unknown key 'enc_dpth'"),
+        ({**good, "enc_depth": "2"}, r"key 'enc_depth' has the wrong type"),
+        ({**good, "landscape_only": "false"}, r"key 'landscape_only' has the wrong type"),
+        ({**good, "conf_mode": ["sigmoid", 0, 1]}, r"conf_mode: only the 'exp' mode"),
+        ([good], r"expected a JSON object"),
+    ]
+    for config, message in cases:
+        config_file.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message) as err:
+            DUSt3R.from_pretrained(tmp_path / "tiny")
+        assert str(config_file) in str(err.value)
+    config_file.write_text('{"enc_depth": 2,')
+    with pytest.raises(ValueError, match=r"config\.json: not a valid JSON config"):
+        DUSt3R.from_pretrained(tmp_path / "tiny")
+
+
+def test_other_network_folder_says_which_class_loads_it(tmp_path, reference):
+    reference[0].save_pretrained(tmp_path / "dust3r")
+    with pytest.raises(ValueError, match=r"holds a AsymmetricCroCo3DStereo .* load it with DUSt3R\.from_pretrained"):
+        MASt3R.from_pretrained(tmp_path / "dust3r")
+    (tmp_path / "mast3r").mkdir()
+    config = dict(json.loads((tmp_path / "dust3r" / "config.json").read_text()), head_type="catmlp+dpt",
+                  output_mode="pts3d+desc24", two_confs=True, desc_mode="norm", desc_conf_mode=["exp", 0, "inf"])
+    (tmp_path / "mast3r" / "config.json").write_text(json.dumps(config))
+    save_file({"mask_token": torch.zeros(1, 64)}, str(tmp_path / "mast3r" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"holds a AsymmetricMASt3R .* load it with MASt3R\.from_pretrained"):
+        DUSt3R.from_pretrained(tmp_path / "mast3r")
+
+
+def test_local_looking_missing_paths_are_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub must not be asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(hub, "check_connection", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    for name in ["weights/mast3r", "./mast3r", "../mast3r", str(tmp_path / "missing" / "mast3r"), "~/no_such_met3r_dir",
+                 "a/b/c", "mast3r", "naver/model.pth", "C:\\weights\\mast3r"]:
+        with pytest.raises(FileNotFoundError, match="no such file or directory") as err:
+            MASt3R.from_pretrained(name)
+        assert "not a Hugging Face repo id" in str(err.value), name
+    assert hub.looks_like_local_path("weights/mast3r") and not hub.looks_like_local_path("naver/mast3r")

@@ -516,9 +516,11 @@ class DinoFeatUp(nn.Module):
         `use_norm` variant, raise a ValueError naming the file.
         """
         model = cls(use_norm=use_norm, upsampler=upsampler)
-        file_name = None
         if path_or_url is None:
-            path_or_url, file_name = featup_checkpoint(use_norm)
+            path_or_url = featup_checkpoint(use_norm)[0]
+        # either published URL, however given, is cached under its own variant's name
+        file_name = {featup_checkpoint(flag)[0]: featup_checkpoint(flag)[1] for flag in (True, False)}.get(
+            os.fspath(path_or_url))
         state_dict, path = _read_checkpoint(path_or_url, cache_dir, "FeatUp", file_name)
         _check_featup_variant(state_dict, use_norm, path)
         source = str(path)
