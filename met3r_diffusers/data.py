@@ -65,11 +65,12 @@ def _image_errors(path: Path) -> Iterator[None]:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as error:
-        raise ValueError(f"{path}: not a readable image, corrupt or truncated ({type(error).__name__}: {error})") from error
+        reason = f"{type(error).__name__}: {error}"
+        raise ValueError(f"{path}: not a readable image, corrupt or truncated ({reason})") from error
 
 
 def _open(path: Path) -> Image.Image:
-    """Image.open that refuses more than PIL.Image.MAX_IMAGE_PIXELS pixels (Pillow itself only warns up to twice that)."""
+    """Image.open refusing more than PIL.Image.MAX_IMAGE_PIXELS pixels (Pillow only warns up to twice that)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(path)
@@ -175,8 +176,8 @@ def load_image(
     if unit.shape[-1] == 1:
         unit = unit[..., [0, 0, 0]]
     if target is not None and unit.shape[:2] != target:
-        channels = [Image.fromarray(np.ascontiguousarray(unit[..., c])).resize(target[::-1], resample) for c in range(3)]
-        unit = np.stack([np.asarray(channel) for channel in channels], -1).clip(0.0, 1.0)
+        channels = [Image.fromarray(np.ascontiguousarray(unit[..., c])) for c in range(3)]  # mode "F"
+        unit = np.stack([np.asarray(c.resize(target[::-1], resample)) for c in channels], -1).clip(0.0, 1.0)
     return torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1) * 2.0 - 1.0
 
 

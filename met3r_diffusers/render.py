@@ -294,7 +294,8 @@ def _rasterize(
         dist2 = dx[:, None, :] * dx[:, None, :] + dy[:, :, None] * dy[:, :, None]  # (q, span_row, span_col)
         hit_q, hit_r, hit_c = (dist2 < radius2).nonzero(as_tuple=True)  # ordered by point index
         hit_point = point[part][hit_q]
-        hit_pixel = (hit_point // num_points) * (height * width) + cand_row[hit_q, hit_r] * width + cand_col[hit_q, hit_c]
+        in_image = cand_row[hit_q, hit_r] * width + cand_col[hit_q, hit_c]
+        hit_pixel = (hit_point // num_points) * (height * width) + in_image
         new = (hit_point, hit_pixel, depth[part][hit_q])
         # Earlier chunks hold smaller point indices, so appending keeps the stream order.
         stream = tuple(torch.cat(pair) for pair in zip(stream, new)) if stream else new

@@ -209,7 +209,8 @@ def test_alpha_palette_la_and_colour_keys_are_composited_over_white(tmp_path):
 
     Image.fromarray(np.array([[[50, 255], [50, 0], [200, 51]]], dtype=np.uint8), "LA").save(tmp_path / "la.png")
     grey = [50 / 255, 1.0, 200 / 255 * 0.2 + 0.8]
-    np.testing.assert_allclose(_unit(load_image(tmp_path / "la.png"))[0], np.repeat(np.array(grey)[:, None], 3, 1), atol=1e-6)
+    expected = np.repeat(np.array(grey)[:, None], 3, 1)
+    np.testing.assert_allclose(_unit(load_image(tmp_path / "la.png"))[0], expected, atol=1e-6)
 
     palette = Image.new("P", (3, 1))
     palette.putpalette([10, 20, 30, 200, 100, 0, 0, 0, 0] + [0] * 759)
@@ -225,8 +226,10 @@ def test_alpha_palette_la_and_colour_keys_are_composited_over_white(tmp_path):
         _unit(load_image(tmp_path / "opaque_palette.png"))[0] * 255, [[10, 20, 30], [200, 100, 0], [0, 0, 0]], atol=1e-4
     )
 
-    Image.fromarray(np.array([[[9, 9, 9], [7, 8, 9]]], dtype=np.uint8)).save(tmp_path / "key.png", transparency=(9, 9, 9))
-    np.testing.assert_allclose(_unit(load_image(tmp_path / "key.png"))[0] * 255, [[255, 255, 255], [7, 8, 9]], atol=1e-4)
+    keyed = Image.fromarray(np.array([[[9, 9, 9], [7, 8, 9]]], dtype=np.uint8))
+    keyed.save(tmp_path / "key.png", transparency=(9, 9, 9))
+    got = _unit(load_image(tmp_path / "key.png"))[0] * 255
+    np.testing.assert_allclose(got, [[255, 255, 255], [7, 8, 9]], atol=1e-4)
 
 
 def test_cmyk_jpeg_is_converted_exactly(tmp_path):
