@@ -94,7 +94,7 @@ def _orientation(image: Image.Image) -> int:
 
 def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation to (H, W, C) samples, as PIL.ImageOps.exif_transpose does."""
-    if orientation in (5, 6, 7, 8):
+    if orientation in _TRANSPOSED_ORIENTATIONS:
         array = array.swapaxes(0, 1)  # transpose: 5 as is, 6 / 7 / 8 also flip one or both axes
     flip_rows = orientation in (3, 4, 7, 8)
     flip_cols = orientation in (2, 3, 6, 7)
