@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import builtins
 import codecs
 import collections
 import functools
@@ -264,7 +265,7 @@ def _rebuild_parameter(data: torch.Tensor, requires_grad: bool, backward_hooks: 
 _BUILTINS = ("set", "frozenset", "dict", "list", "tuple", "int", "float", "complex", "str", "bytes", "bytearray",
              "bool", "slice")
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    **{("builtins", name): getattr(__import__("builtins"), name) for name in _BUILTINS},
+    **{("builtins", name): getattr(builtins, name) for name in _BUILTINS},
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): collections.defaultdict,
     ("_codecs", "encode"): codecs.encode,  # how protocol 2 stores bytes
