@@ -32,7 +32,7 @@ PARITY_DIR = Path(os.environ.get("MET3R_PARITY_DIR", Path(__file__).resolve().pa
 MANIFESTS = {"mast3r": "mast3r_vitl_512_catmlpdpt_metric", "dust3r": "dust3r_vitl_512_dpt"}
 
 
-def _standin_model(name: str) -> torch.nn.Module:
+def standin_model(name: str) -> torch.nn.Module:
     """Full-size model with the parity stand-in weights, built without a second copy of the weights."""
     spec = importlib.util.spec_from_file_location("_parity_weights", PARITY_DIR / "weights.py")
     weights = importlib.util.module_from_spec(spec)
@@ -44,14 +44,14 @@ def _standin_model(name: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _rss_gib(field: str) -> float:
+def rss_gib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the peak below starts clean
@@ -70,7 +70,7 @@ def _measure(
     img1 = torch.rand(1, 3, height, width, generator=gen) * 2 - 1
     img2 = torch.rand(1, 3, height, width, generator=gen) * 2 - 1
     times = []
-    _reset_peak()
+    reset_peak()
     for _ in range(repeats + 1):  # the first run is a warm-up
         a, b = img1.clone().requires_grad_(backward), img2.clone().requires_grad_(backward)
         start = time.perf_counter()
@@ -82,10 +82,10 @@ def _measure(
                 (pred1["pts3d"].mean() + pred2["pts3d_in_other_view"].mean()).backward()
         times.append(time.perf_counter() - start)
         del pred1, pred2
-    return {"median_s": statistics.median(times[1:]), "min_s": min(times[1:]), "peak_rss_gib": _rss_gib("VmHWM")}
+    return {"median_s": statistics.median(times[1:]), "min_s": min(times[1:]), "peak_rss_gib": rss_gib("VmHWM")}
 
 
-def _matmul_rate() -> float:
+def matmul_rate() -> float:
     """GFLOP/s of a float32 (512 x 1024) @ (1024 x 4096) product on this machine right now."""
     a, b = torch.randn(512, 1024), torch.randn(1024, 4096)
     torch.mm(a, b)
@@ -107,7 +107,7 @@ def _calibration(model: torch.nn.Module) -> str:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         tokens, pos = model.encode_views(images)
         model.decode_pair(tokens[:1], pos[:1], tokens[1:], pos[1:], (256, 256), (256, 256))
-    rate = _matmul_rate()
+    rate = matmul_rate()
     flops = counter.get_total_flops() / 1e9
     return (f"256x256 pair forward: {flops:.0f} GFLOP; float32 matmul rate now: {rate:.0f} GFLOP/s "
             f"(so >= {flops / rate:.2f} s at that rate)")
@@ -123,12 +123,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    model = _standin_model(args.model)
-    _reset_peak()
+    model = standin_model(args.model)
+    reset_peak()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} full size: {n_params / 1e6:.1f} M parameters ({n_params * 4 / 2**30:.2f} GiB float32), "
           f"built in {time.perf_counter() - start:.1f} s; torch {torch.__version__}, {args.threads} threads; "
-          f"RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
+          f"RSS after loading {rss_gib('VmRSS'):.2f} GiB")
     print(_calibration(model))
     settings = [  # label, H, W, backward, bf16 autocast, descriptors
         ("forward 256x256", 256, 256, False, False, True),

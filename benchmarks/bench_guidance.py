@@ -14,7 +14,7 @@ and reports seconds per step, the ratio to a plain step, and the peak memory of 
 CPU: peak resident set size, reset between runs via /proc/self/clear_refs). `--size small` (default) is a reduced
 SD-like UNet/VAE at 256x256 that runs on a CPU; `--size sd15` uses Stable Diffusion 1.5's UNet and VAE configs
 (random weights, 512x512), meant for a GPU. The metric is `--metric standin` (a small conv-feature consistency
-score; cheap, so the numbers isolate the diffusion-side cost), `tiny` (tests/_tiny.py's tiny MEt3R) or `met3r`
+score; cheap, so the numbers isolate the diffusion-side cost), `tiny` (met3r_diffusers.testing's tiny MEt3R) or `met3r`
 (`MEt3R()` with its default checkpoints, which downloads them).
 
     python benchmarks/bench_guidance.py [--size small|sd15] [--steps 4] [--views 4] [--decode-size 128]
@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from met3r_diffusers.callbacks import MEt3RCallback
-from met3r_diffusers.views import resolve_pairs
+from met3r_diffusers.pairs import resolve_pairs
 
 SIZES = {
     "small": {
@@ -81,7 +80,7 @@ class StandInConsistency(torch.nn.Module):
 
 
 def build_pipeline(size: str, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
-    from test_callbacks import tiny_clip_tokenizer  # offline byte-level CLIP tokenizer
+    from met3r_diffusers.testing import tiny_clip_tokenizer  # offline byte-level CLIP tokenizer
 
     config = SIZES[size]
     torch.manual_seed(0)
@@ -108,7 +107,7 @@ def build_metric(name: str, device: torch.device):
         torch.manual_seed(0)
         return StandInConsistency().to(device)
     if name == "tiny":
-        from _tiny import tiny_met3r
+        from met3r_diffusers.testing import tiny_met3r
 
         return tiny_met3r(seed=0).to(device)
     from met3r_diffusers import MEt3R

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dust3r import PARITY_DIR, _matmul_rate, _reset_peak, _rss_gib, _standin_model
+from bench_dust3r import PARITY_DIR, matmul_rate, reset_peak, rss_gib, standin_model
 
 from met3r_diffusers import MEt3R
 from met3r_diffusers.models import DinoFeatUp
-from met3r_diffusers.views import resolve_pairs
+from met3r_diffusers.pairs import resolve_pairs
 
 
 def _standin_featup() -> DinoFeatUp:
@@ -60,9 +60,9 @@ def _measure(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool)
     peak = 0.0
     for _ in range(repeats + 1):  # the first run is a warm-up
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _reset_peak()  # the peak is that of the whole forward alone
+            reset_peak()  # the peak is that of the whole forward alone
             output, total = _timed(metric, images, pairs)
-            peak = max(peak, _rss_gib("VmHWM"))
+            peak = max(peak, rss_gib("VmHWM"))
             del output
             (points, conf), geometry = _timed(metric._geometry, images, pairs)
             features, feature_time = _timed(metric._features, images)
@@ -104,17 +104,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    metric = MEt3R(img_size=None, backbone=_standin_model("mast3r"), feature_backbone=_standin_featup(),
+    metric = MEt3R(img_size=None, backbone=standin_model("mast3r"), feature_backbone=_standin_featup(),
                    chunk_size=args.chunk_size or None)
     if args.bf16_weights:
         if not args.bf16:
             parser.error("--bf16-weights needs --bf16 (bf16 weights run under autocast)")
         metric.to(torch.bfloat16)
-        _reset_peak()
+        reset_peak()
     print(f"MEt3R (full-size MASt3R + DINO/FeatUp stand-in weights) built in {time.perf_counter() - start:.1f} s; "
           f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size}, chunk_size {args.chunk_size}"
           f"{', bf16 autocast' if args.bf16 else ''}{', bf16 weights' if args.bf16_weights else ''}; "
-          f"RSS after loading {_rss_gib('VmRSS'):.2f} GiB")
+          f"RSS after loading {rss_gib('VmRSS'):.2f} GiB")
     for num_views in args.views:
         result = _measure(metric, num_views, args.size, args.repeats, args.bf16)
         num_pairs = num_views - 1
@@ -123,7 +123,7 @@ def main() -> None:
         print("    stages per sample: " + ", ".join(
             f"{key} {result[key]:.2f} s" for key in ("geometry", "features", "render+score")))
         gflop = _geometry_gflop(metric, num_views, args.size, args.bf16) / num_pairs
-        rate = _matmul_rate()
+        rate = matmul_rate()
         print(f"    geometry {gflop:.0f} GFLOP per pair; float32 matmul rate now {rate:.0f} GFLOP/s, "
               f"so geometry alone takes >= {gflop / rate:.2f} s/pair in float32 at that rate")
 

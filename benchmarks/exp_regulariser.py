@@ -12,7 +12,7 @@ Procedure (CPU, tiny random components, toy data; every number printed comes fro
    script's MEt3REvalHook) and report their MEt3R (lower = more consistent) and the final diffusion loss.
 
     python benchmarks/exp_regulariser.py                       # toy stand-in metric (no weights needed)
-    python benchmarks/exp_regulariser.py --met3r_factory tests/_tiny.py:tiny_met3r --met3r_kwargs '{"seed": 0}'
+    python benchmarks/exp_regulariser.py --met3r_factory met3r_diffusers.testing:tiny_met3r --met3r_kwargs '{"seed": 0}'
 """
 from __future__ import annotations
 
@@ -85,13 +85,14 @@ def main() -> None:
     parser.add_argument("--num_validation_samples", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--met3r_factory", type=str,
-                        default=f"{REPO_ROOT / 'training' / 'toy_metric.py'}:FeatureConsistencyMetric")
+                        default="met3r_diffusers.testing:FeatureConsistencyMetric")
     parser.add_argument("--met3r_kwargs", type=str, default='{"shift": 1}')
     options = parser.parse_args()
 
     import torch
 
     from met3r_diffusers.data import make_toy_multiview_dataset
+    from met3r_diffusers.testing import tiny_training_components
 
     torch.set_num_threads(2)
     script = _script()
@@ -113,7 +114,7 @@ def main() -> None:
 
     # 2. the base model: tiny components saved as a local diffusers folder, then pre-trained with λ = 0
     base = work / "base"
-    components = script._tiny_components(options.resolution, options.num_views, seed=0, prediction_type="epsilon")
+    components = tiny_training_components(options.resolution, options.num_views, seed=0, prediction_type="epsilon")
     vae_error = _train_vae(components["vae"], data_dir, options.vae_steps, seed=0)
     print(f"VAE: {options.vae_steps} steps, reconstruction MSE {vae_error:.4f} (images in [-1, 1])")
     for name, component in components.items():

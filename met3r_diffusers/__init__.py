@@ -10,12 +10,16 @@ __version__ = "0.1.0"
 # stays cheap and optional integrations (diffusers, accelerate) are only imported when used.
 _EXPORTS = {
     "MEt3R": "metric",
+    "MEt3RConfig": "metric",
     "MEt3ROutput": "metric",
-    "MEt3REvaluator": "metric",
+    "MEt3RMetric": "evaluation",
+    "MEt3REvaluator": "evaluation",  # deprecated alias of MEt3RMetric
+    "MEt3REvalHook": "evaluation",
     "MEt3RLoss": "loss",
     "predict_x0": "diffusion",
+    "decode_views": "diffusion",
+    "ViewLayout": "diffusion",
     "MEt3RCallback": "callbacks",
-    "MEt3REvalHook": "training",
     "render_points": "render",
     "RenderOutput": "render",
 }
@@ -24,14 +28,16 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import MEt3RCallback
-    from .diffusion import predict_x0
+    from .diffusion import ViewLayout, decode_views, predict_x0
+    from .evaluation import MEt3REvalHook, MEt3REvaluator, MEt3RMetric
     from .loss import MEt3RLoss
-    from .metric import MEt3R, MEt3REvaluator, MEt3ROutput
+    from .metric import MEt3R, MEt3RConfig, MEt3ROutput
     from .render import RenderOutput, render_points
-    from .training import MEt3REvalHook
 
 
 def __getattr__(name: str) -> Any:
+    if name == "logging":  # `from met3r_diffusers import logging`: the verbosity helpers
+        return importlib.import_module(".logging", __name__)
     if name in _EXPORTS:
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         return getattr(module, name)

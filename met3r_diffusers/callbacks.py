@@ -10,14 +10,16 @@ callback.history      # [{"step", "timestep", "scores" (B,), "pair_scores" (B, n
 ```
 
 How it works. A step-end callback only sees the latents *after* the scheduler step, and pipelines throw away the
-model output and the scheduler's x0 estimate (`return_dict=False`). The callback therefore wraps
-`pipeline.scheduler.step` (an instance attribute shadowing the class method): the wrapper calls the original step
-with `return_dict=True`, records `pred_original_sample` (or LCM's `denoised`) when the scheduler returns one and
-otherwise derives x0 from the model output with `predict_x0`, and hands the pipeline exactly what it asked for, so
-sampling is bit-identical. The wrapper is installed by `attach(pipe)` or, failing that, on the callback's first
-call -- which comes *after* step 0's scheduler step, so an unattached callback cannot score step 0 (it warns once).
-It is removed after the final step, by `close()`, or on leaving the `with` block (also when the pipeline raises);
-removing it twice is harmless.
+model output and the scheduler's x0 estimate (`return_dict=False`). A `SchedulerTap` therefore wraps
+`pipeline.scheduler.step` (an instance attribute shadowing the class method), once per scheduler however many
+callbacks use it: the wrapper binds the arguments against the scheduler class's own `step` signature, calls the
+step with `return_dict=True`, records `pred_original_sample` (or LCM's `denoised`) when the scheduler returns one
+and otherwise derives x0 from the model output with `predict_x0`, hands the record to every subscribed callback,
+and returns exactly what the pipeline asked for, so sampling is bit-identical. A callback subscribes in
+`attach(pipe)` or, failing that, on its first call -- which comes *after* step 0's scheduler step, so an unattached
+callback cannot score step 0 (it warns once). It unsubscribes after the final step, by `close()`, or on leaving
+the outermost `with callback.attach(pipe):` block (also when the pipeline raises); the wrapper is removed when
+its last subscriber leaves, in any order, and closing twice is harmless.
 
 Guidance (`guidance_scale > 0`) is an approximation: inside the guidance window, the gradient of the MEt3R score
 with respect to this step's x0 estimate is taken through the decoder (grad is re-enabled locally: pipelines run
@@ -29,28 +31,103 @@ classifier-guidance variant in `pipelines/met3r_guided_multiview.py`). Multistep
 DEIS) keep a history of earlier x0 predictions that the edit does not touch: their next update combines the edited
 sample with that history, so the higher-order correction sees the guidance shift as a change of the model's
 prediction and extrapolates it a little further; the run still converges, the guided shift is just not exactly
-`guidance_scale` per step. Pairs without overlap (MEt3R scores them NaN, and the 0/0 behind that NaN sends NaN
-gradients backwards) must not poison the latents: with a metric that can return its score map and overlap mask
-(`MEt3R`), the guided objective is recomputed from them as in `MEt3RLoss` (such pairs contribute nothing);
-with any other metric, a sample whose gradient is not finite gets no guidance at that step (with a warning).
+`guidance_scale` per step. Pairs without overlap must not poison the latents: the
+objective is `loss.guidance_objective` (the metric's NaN-free scores, `empty="zero"`, as in `MEt3RLoss`: such pairs
+contribute nothing) and the step direction `loss.guidance_direction` (non-finite samples zeroed -- with a
+warning here -- then per-sample normalisation and clipping), the same two functions the community pipeline uses.
 Randomness: the callback draws no random numbers itself.
 """
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
 from diffusers.callbacks import PipelineCallback
-from torch import nn
 from typing_extensions import Self
 
-from .diffusion import _is_sigma_space, _sample_coefficients, decode_latents, predict_x0
-from .loss import MEt3RLoss, masked_pair_scores
-from .views import PairSpec, ViewLayout, resolve_pairs
+from . import functional
+from .diffusion import DecodeFn, ViewLayout, decode_views, is_sigma_space, predict_x0, sample_coefficients
+from .loss import MEt3RLoss, call_metric, guidance_direction, guidance_objective
+from .pairs import PairSpec, resolve_pairs
+from .validation import check_finite, check_positive_int
 
-DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["MEt3RCallback", "SchedulerTap"]
+
+
+class SchedulerTap:
+    """Records every `scheduler.step`'s x0 estimate and timestep for the callbacks subscribed to it.
+
+    One tap per scheduler (`SchedulerTap.of(scheduler)`), installed as an instance attribute `step` that shadows
+    the class's method and removed when the last subscriber unsubscribes. The scheduler's outputs are unchanged.
+    """
+
+    _taps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+        self.records: dict[int, tuple[torch.Tensor, Any] | None] = {}  # id(subscriber) -> latest record
+        self._previous = scheduler.__dict__.get("step")  # a foreign instance-level wrapper, kept and restored
+        self._original = scheduler.step
+        # bind against the class's own method: another wrapper's (*args, **kwargs) would hide the names
+        self._signature = inspect.signature(type(scheduler).step.__get__(scheduler))
+        self._supports_return_dict = "return_dict" in self._signature.parameters
+
+    @classmethod
+    def of(cls, scheduler: Any) -> SchedulerTap:
+        """The tap of `scheduler`, installing one if it has none."""
+        tap = cls._taps.get(scheduler)
+        if tap is None:
+            tap = cls(scheduler)
+            scheduler.step = tap.step
+            cls._taps[scheduler] = tap
+        return tap
+
+    def subscribe(self, subscriber: object) -> None:
+        """Start recording for `subscriber` (its record starts empty)."""
+        self.records[id(subscriber)] = None
+
+    def unsubscribe(self, subscriber: object) -> None:
+        """Stop recording for `subscriber`; the last one out removes the wrapper."""
+        self.records.pop(id(subscriber), None)
+        if not self.records and self._taps.get(self.scheduler) is self:
+            del self._taps[self.scheduler]
+            if self._previous is None:
+                self.scheduler.__dict__.pop("step", None)
+            else:
+                self.scheduler.step = self._previous
+
+    def pop(self, subscriber: object) -> tuple[torch.Tensor, Any] | None:
+        """`subscriber`'s latest (x0, timestep) record, cleared so that it is used once."""
+        record = self.records.get(id(subscriber))
+        if id(subscriber) in self.records:
+            self.records[id(subscriber)] = None
+        return record
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        """The scheduler's step, returning what the caller asked for, with its x0 estimate recorded."""
+        bound = self._signature.bind(*args, **kwargs)
+        return_dict = bound.arguments.get("return_dict", True)
+        if self._supports_return_dict:
+            bound.arguments["return_dict"] = True
+        output = self._original(*bound.args, **bound.kwargs)
+        timestep = bound.arguments["timestep"]
+        x0 = None
+        if not isinstance(output, tuple):
+            x0 = getattr(output, "pred_original_sample", None)
+            if x0 is None:
+                x0 = getattr(output, "denoised", None)
+        if x0 is None:
+            x0 = predict_x0(bound.arguments["model_output"], bound.arguments["sample"], timestep, self.scheduler)
+        record = (x0.detach(), timestep)
+        for key in self.records:
+            self.records[key] = record
+        if self._supports_return_dict and not return_dict:
+            return output.to_tuple()
+        return output
 
 
 class MEt3RCallback(PipelineCallback):
@@ -107,100 +184,80 @@ class MEt3RCallback(PipelineCallback):
             metric = metric.metric
         if not callable(metric):
             raise TypeError(f"metric must be callable, got {type(metric).__name__}")
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         windows = {"start/stop": (start, stop), "guidance_start/guidance_stop": (guidance_start, guidance_stop)}
         for name, (low, high) in windows.items():
+            low, high = check_finite(name, low), check_finite(name, high)
             if not 0.0 <= low <= high <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 <= start <= stop <= 1, got ({low}, {high})")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if max_grad_norm is not None and max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        self.guidance_scale = check_finite("guidance_scale", guidance_scale, minimum=0)
+        self.max_grad_norm = check_finite("max_grad_norm", max_grad_norm, positive=True, optional=True)
+        self.layout = ViewLayout.parse(layout, num_views)
+        # pairs are checked now, not at the first step: against num_views when it is known, else their form
+        resolve_pairs(pairs, self.layout.num_views or (2 if isinstance(pairs, str) or pairs is None else 2**31))
         if decode_size is not None:
             size = (decode_size, decode_size) if isinstance(decode_size, int) else tuple(decode_size)
             if len(size) != 2 or min(size) <= 0:
                 raise ValueError(f"decode_size must be a positive int or (H, W), got {decode_size!r}")
             decode_size = size
         self.metric = metric
-        self.every_n_steps = every_n_steps
-        self.layout = ViewLayout.parse(layout, num_views)
         self.pairs = pairs
-        self.window = (start, stop)
-        self.guidance_scale = float(guidance_scale)
-        self.guidance_window = (guidance_start, guidance_stop)
+        self.window = (float(start), float(stop))
+        self.guidance_window = (float(guidance_start), float(guidance_stop))
         self.decode_size = decode_size
         self.decode_fn = decode_fn
         self.normalize_grad = normalize_grad
-        self.max_grad_norm = max_grad_norm
         self.history: list[dict[str, Any]] = []
-        self._scheduler = None
-        self._record: tuple[torch.Tensor, Any] | None = None
+        self._tap: SchedulerTap | None = None
+        self._attach_depth = 0  # nested `with callback.attach(pipe):` blocks
         self._warned_missing = False
         self._warned_nonfinite = False
 
-    # ------------------------------------------------------------------ scheduler wrapper
+    # ------------------------------------------------------------------ scheduler tap
 
     def attach(self, pipeline) -> MEt3RCallback:
-        """Wrap `pipeline.scheduler.step` now (so that step 0 can be scored); use as `with callback.attach(pipe):`."""
-        scheduler = pipeline.scheduler
-        if self._scheduler is scheduler:
-            return self
-        self.close()
-        original = scheduler.step  # the bound class method
-        signature = inspect.signature(original)
-        supports_return_dict = "return_dict" in signature.parameters
+        """Subscribe to `pipeline.scheduler`'s step tap now (so that step 0 can be scored).
 
-        def step(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            return_dict = bound.arguments.get("return_dict", True)
-            if supports_return_dict:
-                bound.arguments["return_dict"] = True
-            output = original(*bound.args, **bound.kwargs)
-            self._capture(scheduler, bound.arguments, output)
-            if supports_return_dict and not return_dict:
-                return output.to_tuple()
-            return output
-
-        scheduler.step = step
-        self._scheduler = scheduler
-        self._record = None
+        Use as `with callback.attach(pipe):`; nested blocks on the same pipeline leave the callback attached until
+        the outermost one ends.
+        """
+        self._subscribe(pipeline.scheduler)
+        self._attach_depth += 1
         return self
 
+    def _subscribe(self, scheduler: Any) -> None:
+        if self._tap is not None and self._tap.scheduler is scheduler:
+            return
+        self._unsubscribe()
+        self._tap = SchedulerTap.of(scheduler)
+        self._tap.subscribe(self)
+
+    def _unsubscribe(self) -> None:
+        if self._tap is not None:
+            self._tap.unsubscribe(self)
+        self._tap = None
+
     def close(self) -> None:
-        """Remove the scheduler wrapper (idempotent)."""
-        if self._scheduler is not None:
-            self._scheduler.__dict__.pop("step", None)
-        self._scheduler = None
-        self._record = None
+        """Unsubscribe from the scheduler tap (idempotent); the tap is removed when no callback uses it."""
+        self._attach_depth = 0
+        self._unsubscribe()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _capture(self, scheduler, arguments: dict[str, Any], output: Any) -> None:
-        """Record this step's x0 estimate (detached) and timestep."""
-        timestep = arguments["timestep"]
-        x0 = None
-        if not isinstance(output, tuple):
-            x0 = getattr(output, "pred_original_sample", None)
-            if x0 is None:
-                x0 = getattr(output, "denoised", None)
-        if x0 is None:
-            x0 = predict_x0(arguments["model_output"], arguments["sample"], timestep, scheduler)
-        self._record = (x0.detach(), timestep)
+        self._attach_depth = max(self._attach_depth - 1, 0)
+        if self._attach_depth == 0:
+            self._unsubscribe()
 
     # ------------------------------------------------------------------ callback
 
     def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Score (and guide) at this step; returns the (possibly updated) callback tensors."""
-        if self._scheduler is not pipeline.scheduler:
-            self.attach(pipeline)
+        self._subscribe(pipeline.scheduler)
         num_steps = _num_steps(pipeline)
         is_final = step_index >= num_steps - 1
-        record, self._record = self._record, None
+        record = self._tap.pop(self)
 
         score_now = is_final or (
             self._in_window(step_index, num_steps, self.window) and step_index % self.every_n_steps == 0
@@ -220,58 +277,39 @@ class MEt3RCallback(PipelineCallback):
                 return callback_kwargs
             x0 = record[0]
             if guide_now:
-                output, grad = self._score_and_grad(pipeline, x0)
+                views, output, direction = self._score_and_direction(pipeline, x0)
                 latents = callback_kwargs["latents"]
                 coefficient = _next_x0_coefficient(pipeline, step_index, num_steps)
-                callback_kwargs["latents"] = latents - (coefficient * self.guidance_scale) * grad.to(latents.dtype)
+                callback_kwargs["latents"] = latents - (coefficient * self.guidance_scale) * direction.to(latents.dtype)
             else:
                 with torch.no_grad():
-                    output = self._score(pipeline, x0)
+                    views = self._views(pipeline, x0)
+                    output = call_metric(self.metric, views, self.pairs)
             if score_now:
-                self.history.append(_history_entry(step_index, timestep, *output))
+                pairs = resolve_pairs(self.pairs, views.shape[1])
+                self.history.append(_history_entry(step_index, timestep, output, pairs))
             return callback_kwargs
         finally:
             if is_final:
-                self.close()
+                self._unsubscribe()
 
     @staticmethod
     def _in_window(step_index: int, num_steps: int, window: tuple[float, float]) -> bool:
         return window[0] * num_steps <= step_index < window[1] * num_steps
 
-    def _score(self, pipeline, x0: torch.Tensor) -> tuple[Any, list[tuple[int, int]]]:
-        """Decode x0 (pipeline layout) into views and run the metric; also returns the scored pairs."""
-        views = self._views(pipeline, x0)
-        return self.metric(views, pairs=self.pairs), resolve_pairs(self.pairs, views.shape[1])
-
     def _views(self, pipeline, x0: torch.Tensor) -> torch.Tensor:
-        """Decode x0 (pipeline layout) into views (B, V, 3, H, W)."""
-        latents, batch_size = self.layout.to_decode(x0, _latent_channels(pipeline))
-        if self.decode_fn is not None:
-            images = self.decode_fn(latents)
-        else:
-            images = decode_latents(
-                pipeline.vae,
-                latents,
-                size=self._image_size(),
-                num_frames=latents.shape[0] // batch_size if self.layout.kind == "frames" else None,
-            )
-        return self.layout.to_views(images, batch_size)
+        """x0 (pipeline layout) -> views (B, V, 3, H, W), through the one latents -> views path."""
+        decoder = self.decode_fn if self.decode_fn is not None else pipeline.vae
+        return decode_views(decoder, x0, self.layout, size=self.decode_size)
 
-    def _image_size(self) -> tuple[int, int] | None:
-        if self.decode_size is None or self.layout.kind != "grid":
-            return self.decode_size
-        rows, cols = self.layout.grid
-        return self.decode_size[0] * rows, self.decode_size[1] * cols
-
-    def _score_and_grad(self, pipeline, x0: torch.Tensor) -> tuple[tuple[Any, list], torch.Tensor]:
-        """`_score`'s result and the per-sample normalised step direction d(score)/d(x0), shaped like x0."""
+    def _score_and_direction(self, pipeline, x0: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """The views, the metric's output and the per-sample step direction d(objective)/d(x0)."""
         with torch.enable_grad():
             x0 = x0.detach().float().requires_grad_(True)
             views = self._views(pipeline, x0)
-            metric_output, objective = guidance_scores(self.metric, views, self.pairs)
+            output, objective = guidance_objective(self.metric, views, self.pairs)
             (grad,) = torch.autograd.grad(objective.sum(), x0)
-        output = (metric_output, resolve_pairs(self.pairs, views.shape[1]))
-        per_sample, num_bad = zero_nonfinite_samples(grad, views.shape[0])
+        direction, num_bad = guidance_direction(grad, views.shape[0], self.normalize_grad, self.max_grad_norm)
         if num_bad and not self._warned_nonfinite:
             warnings.warn(
                 f"MEt3RCallback: the metric's gradient is not finite for {num_bad} sample(s) (pairs without overlap "
@@ -279,13 +317,7 @@ class MEt3RCallback(PipelineCallback):
                 stacklevel=3,
             )
             self._warned_nonfinite = True
-        rms = per_sample.square().mean(dim=1, keepdim=True).sqrt()
-        if self.normalize_grad:
-            per_sample = per_sample / rms.clamp_min(1e-12)
-            rms = torch.ones_like(rms)
-        if self.max_grad_norm is not None:
-            per_sample = per_sample * (self.max_grad_norm / rms.clamp_min(1e-12)).clamp(max=1.0)
-        return output, per_sample.reshape(grad.shape)
+        return views.detach(), output, direction
 
     # ------------------------------------------------------------------ history
 
@@ -321,43 +353,6 @@ class MEt3RCallback(PipelineCallback):
         return ax
 
 
-def _takes_maps(metric: Callable[..., Any]) -> bool:
-    """Whether `metric` accepts `return_score_map` and `return_overlap_mask` (as `MEt3R` does)."""
-    target = metric.forward if isinstance(metric, nn.Module) else metric
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return False
-    return "return_score_map" in parameters and "return_overlap_mask" in parameters
-
-
-def guidance_scores(metric: Callable[..., Any], views: torch.Tensor, pairs: PairSpec) -> tuple[Any, torch.Tensor]:
-    """The metric's output for views (B, V, 3, H, W) and a per-sample objective (B,) to differentiate for guidance.
-
-    With a metric that returns its score map and overlap mask (`MEt3R`), the objective is the mean over the pairs
-    that overlap of `masked_pair_scores` (MEt3R's score when every pair overlaps), so pairs without overlap
-    contribute nothing and no NaN reaches the gradient; otherwise it is the metric's `.score`.
-    """
-    if not _takes_maps(metric):
-        output = metric(views, pairs=pairs)
-        return output, _scores(output)
-    num_pairs = len(resolve_pairs(pairs, views.shape[1]))
-    output = metric(views, pairs=pairs, return_score_map=True, return_overlap_mask=True)
-    scores, valid = masked_pair_scores(output.score_map, output.overlap_mask, num_pairs)
-    valid = valid.to(scores.dtype)
-    return output, (scores * valid).sum(1) / valid.sum(1).clamp_min(1)
-
-
-def zero_nonfinite_samples(grad: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, int]:
-    """`grad` as (num_samples, -1) with the rows holding any NaN / inf set to 0; also returns how many rows."""
-    per_sample = grad.reshape(num_samples, -1)
-    bad = ~torch.isfinite(per_sample).all(dim=1)
-    num_bad = int(bad.sum())
-    if num_bad:
-        per_sample = torch.where(bad[:, None], torch.zeros_like(per_sample), per_sample)
-    return per_sample, num_bad
-
-
 def _scores(output: Any) -> torch.Tensor:
     """Per-sample scores (B,) from a metric output or a plain tensor."""
     scores = output.score if hasattr(output, "score") else output
@@ -372,6 +367,11 @@ def _history_entry(step_index: int, timestep: Any, output: Any, pairs: list[tupl
     scores = _scores(output).detach().float().cpu()
     if pair_scores is not None:  # (B, n_pairs) also when a metric gives (B,) for a single pair
         pair_scores = pair_scores.detach().float().cpu().reshape(scores.shape[0], -1)
+        valid = getattr(output, "valid", None)
+        if valid is not None:  # guidance scored NaN-free (empty="zero"): the history reports MEt3R's NaN
+            valid = valid.cpu().reshape(pair_scores.shape)
+            pair_scores = torch.where(valid, pair_scores, torch.full_like(pair_scores, math.nan))
+            scores = functional.sample_scores(pair_scores, valid, empty="nan")
     entry = {
         "step": int(step_index),
         "timestep": timestep,
@@ -390,17 +390,31 @@ def _num_steps(pipeline) -> int:
         return len(pipeline.scheduler.timesteps)
 
 
-def _latent_channels(pipeline) -> int | None:
-    vae = getattr(pipeline, "vae", None)
-    return None if vae is None else vae.config.get("latent_channels")
-
-
 def _next_x0_coefficient(pipeline, step_index: int, num_steps: int) -> float:
     """Coefficient of x0 in the latents after this step (their timestep is the loop's next one; 1 after the last)."""
     scheduler = pipeline.scheduler
     timesteps = getattr(scheduler, "timesteps", None)
-    if step_index + 1 >= num_steps or timesteps is None or _is_sigma_space(scheduler):
+    if step_index + 1 >= num_steps or timesteps is None or is_sigma_space(scheduler):
         return 1.0
     # The loop runs over the last `num_steps` scheduler timesteps (img2img-style pipelines skip the first ones).
     offset = len(timesteps) - num_steps
-    return float(_sample_coefficients(scheduler, timesteps[offset + step_index + 1])[0][0])
+    return float(sample_coefficients(scheduler, timesteps[offset + step_index + 1])[0][0])
+
+
+def __getattr__(name: str) -> Any:
+    # guidance_scores / zero_nonfinite_samples moved to met3r_diffusers.loss (guidance_objective / guidance_direction)
+    if name in ("guidance_scores", "zero_nonfinite_samples"):
+        warnings.warn(
+            f"met3r_diffusers.callbacks.{name} is deprecated: use met3r_diffusers.loss.guidance_objective / "
+            "guidance_direction", FutureWarning, stacklevel=2,
+        )
+        return _DEPRECATED[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _zero_nonfinite_samples(grad: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, int]:
+    direction, num_bad = guidance_direction(grad, num_samples, normalize=False)
+    return direction.reshape(num_samples, -1), num_bad
+
+
+_DEPRECATED = {"guidance_scores": guidance_objective, "zero_nonfinite_samples": _zero_nonfinite_samples}

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, _natural_key, load_image, read_image_size
+from .data import IMAGE_EXTENSIONS, natural_key, load_image, read_image_size
 from .distances import DISTANCES, dissimilarity
-from .views import PAIR_MODES
+from .pairs import PAIR_MODES
 
 _MULTIPLE = 16  # DUSt3R and DINO need image sides that are multiples of the 16-pixel patch
 
 
 def _images_in(folder: Path) -> list[Path]:
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(files, key=lambda p: _natural_key(p.name))
+    return sorted(files, key=lambda p: natural_key(p.name))
 
 
 def find_scenes(paths: Sequence[str]) -> list[tuple[str, list[Path]]]:
@@ -49,7 +49,7 @@ def find_scenes(paths: Sequence[str]) -> list[tuple[str, list[Path]]]:
     seen: set[tuple[Path, ...]] = set()
     for argument in paths:
         literal = Path(argument)
-        matches = [literal] if literal.exists() else [Path(m) for m in sorted(glob.glob(argument), key=_natural_key)]
+        matches = [literal] if literal.exists() else [Path(m) for m in sorted(glob.glob(argument), key=natural_key)]
         found = []
         files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
         if files:
@@ -57,7 +57,7 @@ def find_scenes(paths: Sequence[str]) -> list[tuple[str, list[Path]]]:
         for folder in (m for m in matches if m.is_dir()):
             views = _images_in(folder)
             subfolders = [] if views else sorted((d for d in folder.iterdir() if d.is_dir()),
-                                                 key=lambda d: _natural_key(d.name))
+                                                 key=lambda d: natural_key(d.name))
             nested = [(str(folder), views)] if views else [(str(d), _images_in(d)) for d in subfolders]
             nested = [scene for scene in nested if scene[1]]
             if not nested:

@@ -181,7 +181,8 @@ def load_image(
     return torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1) * 2.0 - 1.0
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
+    """Sort key that orders "view_2" before "view_10" (digit runs compare as numbers)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
@@ -218,10 +219,10 @@ class MultiViewFolderDataset(torch.utils.data.Dataset):
 
         self.scenes: list[list[Path]] = []
         self.scene_dirs: list[Path] = []
-        for scene_dir in sorted((p for p in self.root.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
+        for scene_dir in sorted((p for p in self.root.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
             views = sorted(
                 (p for p in scene_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS),
-                key=lambda p: _natural_key(p.name),
+                key=lambda p: natural_key(p.name),
             )
             if views:
                 self.scene_dirs.append(scene_dir)

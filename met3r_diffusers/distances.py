@@ -1,7 +1,9 @@
 """Per-pixel distances between the two renderings of a view pair, and their masked aggregation.
 
 Every distance takes the two renderings `(N, C, H, W)` (zero where nothing was rendered) and
-returns a per-pixel map `(N, H, W)`; `masked_mean` turns a map and an overlap mask into a score.
+returns a per-pixel map `(N, H, W)`; `get_distance(name)` returns a `Distance`, which pairs that map with its
+reduction to one score per pair (`Distance.reduce`: the masked mean, or the PSNR of the masked mean squared
+error for ``psnr``), so callers never special-case a distance.
 
 * ``cosine`` (MEt3R's default, on DINO/FeatUp features): ``1 - <a, b> / (|a| |b| + eps)`` with
   the eps added to the product of the norms, as the reference implementation does.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -74,19 +77,45 @@ class _LPIPS:
         return self.model(2 * a - 1, 2 * b - 1)[:, 0]
 
 
-def get_distance(name: str, eps: float = 1e-3) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The per-pixel distance function called `name` (see DISTANCES); ImportError now if it needs a missing package."""
+@dataclass(frozen=True)
+class Distance:
+    """A per-pixel distance and its reduction to one score per pair; calling it gives the score map."""
+
+    name: str
+    score_map: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N, C, H, W) x 2 -> (N, H, W)
+    reduce: Callable[..., torch.Tensor]  # (score_map (N, H, W), mask (N, H, W), eps) -> (N,), NaN if mask empty
+    on_features: bool  # compares DINO/FeatUp features (else the [0, 1] RGB renderings)
+    higher_is_better: bool  # psnr / ssim: higher = more similar
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.score_map(a, b)
+
+
+def get_distance(name: str, eps: float = 1e-3) -> Distance:
+    """The `Distance` called `name` (see DISTANCES; `eps` is cosine's); ImportError now if it needs a missing package."""
     needs = {"ssim": "torchmetrics", "lpips": "lpips"}
     if name in needs and importlib.util.find_spec(needs[name]) is None:
         raise ImportError(f"distance={name!r} needs the {needs[name]} package: pip install {needs[name]}")
-    if name == "cosine":
-        return lambda a, b: cosine_distance(a, b, eps)
-    functions = {"mse": mse_distance, "rmse": rmse_distance, "psnr": psnr_distance, "ssim": ssim_distance}
+    functions = {
+        "cosine": lambda a, b: cosine_distance(a, b, eps),
+        "mse": mse_distance,
+        "rmse": rmse_distance,
+        "psnr": psnr_distance,
+        "ssim": ssim_distance,
+    }
     if name in functions:
-        return functions[name]
-    if name == "lpips":
-        return _LPIPS()
-    raise ValueError(f"distance must be one of {DISTANCES}, got {name!r}")
+        score_map = functions[name]
+    elif name == "lpips":
+        score_map = _LPIPS()
+    else:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {name!r}")
+    return Distance(
+        name=name,
+        score_map=score_map,
+        reduce=masked_psnr if name == "psnr" else masked_mean,
+        on_features=name in FEATURE_DISTANCES,
+        higher_is_better=name in ("psnr", "ssim"),
+    )
 
 
 def dissimilarity(name: str, score_map: torch.Tensor) -> torch.Tensor:
@@ -105,7 +134,8 @@ def masked_mean(score_map: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) 
     that nothing could be compared. The NaN is selected with `torch.where`, so its gradient is 0.
     """
     covered = mask.sum((-2, -1))
-    score = (score_map * mask).sum((-2, -1)) / (covered + eps)
+    # zero outside the mask first: a non-finite value where nothing was compared must not leak into the sum
+    score = (torch.where(mask > 0, score_map, torch.zeros_like(score_map)) * mask).sum((-2, -1)) / (covered + eps)
     return torch.where(covered > 0, score, torch.full_like(score, math.nan))
 
 

@@ -1,69 +1,125 @@
-"""MEt3RLoss: the MEt3R score of decoded views as a differentiable training objective.
+"""MEt3RLoss and the one guidance objective: the MEt3R score of decoded views as a differentiable objective.
 
 Typical use inside a diffusion training step (latents of V views per sample, batch layout)::
 
     x0 = predict_x0(model_pred, noisy_latents, timesteps, noise_scheduler)        # (B*V, C, h, w)
-    views = decode_views(vae, x0, num_views=V, size=128)                         # (B, V, 3, 128, 128)
+    views = decode_views(vae, x0, ViewLayout("batch", V), size=128)                # (B, V, 3, 128, 128)
     loss = diffusion_loss + lam * met3r_loss(views, timesteps=timesteps[::V])
 
 Gradients flow through the metric's features (DINO + upsampler) into the views; the geometry network runs without
-gradient and every metric weight is frozen. Pairs whose renderings do not overlap contribute nothing.
+gradient and every metric weight is frozen. The objective is the metric's own per-pair score with `empty="zero"`
+(`functional.pair_scores`): pairs whose renderings do not overlap score 0 with a zero gradient and are left out of
+the mean. Guidance (`MEt3RCallback`, `pipelines/`) uses the same objective (`guidance_objective`) and the same
+gradient post-processing (`guidance_direction`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import logging
+import warnings
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .diffusion import decode_latents, predict_x0
-from .views import PairSpec, resolve_pairs
+from . import functional
+from .diffusion import decode_views, predict_x0
+from .pairs import PairSpec, resolve_pairs
+from .validation import check_finite, check_positive_int
 
-__all__ = ["MEt3RLoss", "decode_views", "masked_pair_scores", "predict_x0"]
+__all__ = [
+    "MEt3RLoss", "call_metric", "decode_views", "guidance_direction", "guidance_objective", "masked_pair_scores",
+    "predict_x0",
+]
+
+logger = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "sum", "none")
+# MEt3RLoss warns the first time nothing overlaps and then every this many such calls
+_EMPTY_WARNING_EVERY = 100
 
 
-def decode_views(
-    vae,
-    latents: torch.Tensor,
-    num_views: int,
-    size: int | Sequence[int] | None = None,
-    gradient_checkpointing: bool = False,
-) -> torch.Tensor:
-    """Decode (B*V, C, h, w) latents (V consecutive entries per sample) into views (B, V, 3, H, W) in [-1, 1].
+def _accepts(metric: Callable[..., Any], argument: str) -> bool:
+    target = metric.forward if isinstance(metric, nn.Module) else metric
+    try:
+        return argument in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
 
-    Differentiable w.r.t. `latents`. `size` decodes at a reduced resolution (see `decode_latents`);
-    `gradient_checkpointing` recomputes the decoder in the backward pass instead of storing its activations.
+
+def call_metric(metric: Callable[..., Any], views: torch.Tensor, pairs: PairSpec, **kwargs: Any) -> Any:
+    """Run `metric(views, pairs=pairs, **kwargs)` with the views cast to the metric's dtype (a bf16 metric takes
+    float32 decoder outputs); keyword arguments the metric does not take (`empty`) are dropped."""
+    dtype = getattr(metric, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and views.dtype != dtype:
+        views = views.to(dtype)
+    kwargs = {key: value for key, value in kwargs.items() if _accepts(metric, key)}
+    return metric(views, pairs=pairs, **kwargs)
+
+
+def _scores_and_valid(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair scores (B, P) and validity from a metric output; a metric without `valid` marks NaN pairs invalid."""
+    scores = output.pair_scores if hasattr(output, "pair_scores") else output.score
+    scores = scores.reshape(scores.shape[0], -1)
+    valid = getattr(output, "valid", None)
+    if valid is None:
+        valid = torch.isfinite(scores)
+    valid = valid.reshape(scores.shape)
+    return torch.where(valid, scores, torch.zeros_like(scores)), valid
+
+
+def guidance_objective(metric: Callable[..., Any], views: torch.Tensor, pairs: PairSpec) -> tuple[Any, torch.Tensor]:
+    """The metric's output for views (B, V, 3, H, W) and the per-sample objective (B,) to differentiate.
+
+    The objective is the mean over the pairs that overlap of the metric's NaN-free pair scores (`empty="zero"`):
+    MEt3R's score when every pair overlaps, 0 with a zero gradient for a sample where none does. A metric without
+    per-pair output is differentiated through its `.score` (or the tensor it returns).
     """
-    if latents.ndim != 4 or latents.shape[0] % num_views:
-        raise ValueError(
-            f"latents must be (B*num_views, C, h, w) with num_views={num_views}, got {tuple(latents.shape)}"
-        )
-    if gradient_checkpointing and torch.is_grad_enabled():
-        images = checkpoint(decode_latents, vae, latents, size, use_reentrant=False)
-    else:
-        images = decode_latents(vae, latents, size)
-    return images.reshape(-1, num_views, *images.shape[1:])
+    output = call_metric(metric, views, pairs, empty="zero")
+    if not hasattr(output, "pair_scores"):
+        scores = output.score if hasattr(output, "score") else output
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(f"metric must return an object with .score or a tensor, got {type(output).__name__}")
+        return output, scores.reshape(-1)
+    scores, valid = _scores_and_valid(output)
+    return output, functional.sample_scores(scores, valid, empty="zero")
+
+
+def guidance_direction(
+    grad: torch.Tensor, num_samples: int, normalize: bool = True, max_norm: float | None = None
+) -> tuple[torch.Tensor, int]:
+    """Post-process a guidance gradient (num_samples, ...): rows with NaN / inf set to 0, each row divided by its
+    RMS (`normalize`), then its RMS capped at `max_norm`; returns the direction (shaped like `grad`) and how many
+    rows were not finite."""
+    per_sample = grad.reshape(num_samples, -1)
+    bad = ~torch.isfinite(per_sample).all(dim=1)
+    num_bad = int(bad.sum())
+    if num_bad:
+        per_sample = torch.where(bad[:, None], torch.zeros_like(per_sample), per_sample)
+    rms = per_sample.square().mean(dim=1, keepdim=True).sqrt()
+    if normalize:
+        per_sample = per_sample / rms.clamp_min(1e-12)
+        rms = (rms > 0).to(rms.dtype)  # zero rows stay zero
+    if max_norm is not None:
+        per_sample = per_sample * (max_norm / rms.clamp_min(1e-12)).clamp(max=1.0)
+    return per_sample.reshape(grad.shape), num_bad
 
 
 def masked_pair_scores(
     score_map: torch.Tensor, overlap_mask: torch.Tensor, num_pairs: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NaN-free per-pair scores (B, P) and which pairs overlap at all (B, P), from a metric's maps.
-
-    `score_map` and `overlap_mask` are (B, P, H, W), or (B, H, W) when P = 1. The score of a pair is
-    `sum(mask * map) / max(sum(mask), 1)`, with the map zeroed outside the mask first, so a pair without overlap
-    scores an exact 0 with a zero (finite) gradient instead of MEt3R's 0/0 = NaN.
-    """
+    """Deprecated: call the metric with `empty="zero"` and read `pair_scores` and `valid`."""
+    warnings.warn(
+        "masked_pair_scores is deprecated: call the metric with empty='zero' and read pair_scores and valid",
+        FutureWarning, stacklevel=2,
+    )
     n = score_map.shape[0]
-    score_map = score_map.reshape(n, num_pairs, -1)
-    mask = overlap_mask.reshape(n, num_pairs, -1).to(score_map.dtype)
-    covered = mask.sum(-1)
-    masked = torch.where(mask > 0, score_map, torch.zeros_like(score_map))
-    return (masked * mask).sum(-1) / covered.clamp_min(1), covered > 0
+    score_map = score_map.reshape(n * num_pairs, *score_map.shape[-2:])
+    mask = overlap_mask.reshape(n * num_pairs, *overlap_mask.shape[-2:]).to(score_map.dtype)
+    from .distances import get_distance
+
+    scores, valid = functional.pair_scores(score_map, mask, get_distance("cosine"), empty="zero")
+    return scores.reshape(n, num_pairs), valid.reshape(n, num_pairs)
 
 
 class MEt3RLoss(nn.Module):
@@ -82,6 +138,10 @@ class MEt3RLoss(nn.Module):
         max_timestep: timestep gate: only samples with `timesteps <= max_timestep` contribute (x0 estimates are
             blurry at high noise); requires `timesteps` in the call.
         chunk_size: run the metric on at most this many samples at a time (bounds the geometry network's memory).
+
+    After each call `last_contributing_fraction` holds the fraction of scored (sample, pair) scores that
+    contributed (had overlap); when none did the loss is 0 and a warning is logged (the first time, then every
+    100th time), so a regulariser that silently does nothing is visible.
     """
 
     def __init__(
@@ -99,21 +159,19 @@ class MEt3RLoss(nn.Module):
             raise TypeError(f"metric must be callable, got {type(metric).__name__}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if num_pairs is not None and num_pairs < 1:
-            raise ValueError(f"num_pairs must be a positive int or None, got {num_pairs}")
-        if max_timestep is not None and max_timestep < 0:
-            raise ValueError(f"max_timestep must be >= 0 or None, got {max_timestep}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        if isinstance(pairs, str) or pairs is None:
+            resolve_pairs(pairs, 2)  # an unknown mode fails now, not at the first step
         if isinstance(metric, nn.Module):
             metric.requires_grad_(False).eval()
         self.metric = metric
         self.pairs = pairs
-        self.num_pairs = num_pairs
+        self.num_pairs = check_positive_int("num_pairs", num_pairs, optional=True)
         self.generator = generator
         self.reduction = reduction
-        self.max_timestep = max_timestep
-        self.chunk_size = chunk_size
+        self.max_timestep = check_finite("max_timestep", max_timestep, minimum=0, optional=True)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size, optional=True)
+        self.last_contributing_fraction: float | None = None
+        self._empty_calls = 0
 
     def train(self, mode: bool = True) -> MEt3RLoss:
         """Switching the loss to training mode leaves the metric in eval mode."""
@@ -131,18 +189,12 @@ class MEt3RLoss(nn.Module):
         return [pairs[i] for i in sorted(order.tolist())]
 
     def pair_losses(self, views: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pair scores (B, P) and which of them have any overlap (B, P), computed NaN-free.
-
-        The score is recomputed from the score map and overlap mask as `sum(mask * map) / max(sum(mask), 1)`, so an
-        empty overlap gives an exact 0 with a finite (zero) gradient instead of 0/0.
-        """
+        """Per-pair scores (B, P), 0 where a pair has no overlap, and which of them overlap (B, P)."""
         scores, valid = [], []
         chunk = self.chunk_size or views.shape[0]
         for start in range(0, views.shape[0], chunk):
-            output = self.metric(
-                views[start : start + chunk], pairs=pairs, return_score_map=True, return_overlap_mask=True
-            )
-            chunk_scores, chunk_valid = masked_pair_scores(output.score_map, output.overlap_mask, len(pairs))
+            output = call_metric(self.metric, views[start : start + chunk], pairs, empty="zero")
+            chunk_scores, chunk_valid = _scores_and_valid(output)
             scores.append(chunk_scores)
             valid.append(chunk_valid)
         return torch.cat(scores), torch.cat(valid)
@@ -170,12 +222,22 @@ class MEt3RLoss(nn.Module):
         if bool(keep.any()):
             pairs = self.select_pairs(views.shape[1])
             scores, valid = self.pair_losses(views[keep], pairs)
-            scores = torch.where(valid, scores, torch.zeros_like(scores))
-            total = total + scores.sum()
+            total = total + scores.sum().to(total.dtype)
             count = int(valid.sum())
-            per_sample[keep] = scores.sum(-1) / valid.sum(-1).clamp_min(1)
+            per_sample[keep] = functional.sample_scores(scores, valid, empty="zero").to(per_sample.dtype)
+            self.last_contributing_fraction = count / valid.numel()
+            if count == 0:
+                self._warn_empty()
         if self.reduction == "none":
             return per_sample
         if self.reduction == "sum":
             return total
         return total / max(count, 1)
+
+    def _warn_empty(self) -> None:
+        if self._empty_calls % _EMPTY_WARNING_EVERY == 0:
+            logger.warning(
+                "MEt3RLoss: no scored pair overlapped, so the loss is 0 with no gradient (%d such calls so far)",
+                self._empty_calls + 1,
+            )
+        self._empty_calls += 1

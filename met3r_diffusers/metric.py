@@ -1,23 +1,26 @@
 """MEt3R: multi-view consistency of generated images (Asim et al., CVPR 2025), in pure PyTorch.
 
-For a view pair (i, j) the metric
+For a view pair (i, j) the metric runs four stages, each visible in `MEt3R.forward`:
 
-1. predicts both views' point maps in view i's camera frame with DUSt3R / MASt3R (detached),
-2. estimates a focal length from their confidence-weighted mean (`geometry.py`),
-3. computes DINO + FeatUp features of every view (`models/featup.py`),
-4. splats each view's features on its point map into view i's camera (`render.py`),
-5. compares the two renderings pixel by pixel where both are covered (`distances.py`).
+1. geometry: both views' point maps in view i's camera frame from DUSt3R / MASt3R, detached
+   (`MEt3R.compute_geometry`; backbone forms in `backbones.py`);
+2. features: DINO + FeatUp features of every view, at the input resolution (`MEt3R.compute_features`);
+3. render + score: canonical point map -> focal -> both clouds splatted into camera i -> masked
+   distance -> per-pair score (`functional.score_pairs`);
+4. aggregation: symmetric directions and pairs folded into per-sample scores (`functional.sample_scores`).
 
 The numbers follow the reference implementation (met3r commit 92a75c6, the seed version),
 checked against golden outputs in `tests/test_metric.py`. Beyond the reference: any number of
-views with per-view work shared across pairs, NaN (not 0) for pairs without overlap, optional
-symmetric scoring, user-supplied geometry, and `torch.inference_mode` when no gradient is needed.
+views with per-view work shared across pairs, NaN (not 0) for pairs without overlap (or 0 with
+`empty="zero"`, the NaN-free objective), optional symmetric scoring, user-supplied geometry, and
+`torch.inference_mode` when no gradient is needed.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -26,19 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distances import FEATURE_DISTANCES, get_distance, masked_mean, masked_psnr
-from .geometry import canonical_point_map, estimate_focal
+from . import functional
+from .backbones import feature_adapter, geometry_adapter
+from .distances import get_distance
+from .geometry import geometry_from_cameras
+from .hub import DEFAULT_REPO_IDS, download_weights
 from .models.dino import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
-from .render import render_points
-from .views import PairSpec, resolve_pairs
+from .pairs import PairSpec, resolve_pairs
 
-__all__ = ["DEFAULT_WEIGHTS", "MEt3R", "MEt3REvaluator", "MEt3ROutput", "geometry_from_cameras"]
+__all__ = ["DEFAULT_WEIGHTS", "MEt3R", "MEt3RConfig", "MEt3ROutput", "REFERENCES", "geometry_from_cameras"]
+
+logger = logging.getLogger(__name__)
 
 # Hugging Face repo ids of the geometry checkpoints the reference uses.
-DEFAULT_WEIGHTS = {
-    "mast3r": "naver/MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric",
-    "dust3r": "naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt",
-}
+DEFAULT_WEIGHTS = DEFAULT_REPO_IDS
 # The torch.hub name the seed passes as `featup_weights`; it means "FeatUp's official checkpoint".
 _FEATUP_HUB_NAME = "mhamilton723/FeatUp"
 
@@ -64,13 +68,14 @@ class MEt3ROutput:
     the reference's tuple order, so `score, mask, score_map, proj = metric(...)` still works.
     """
 
-    score: torch.Tensor  # (B,) mean over pairs with overlap; NaN if no pair overlaps
-    pair_scores: torch.Tensor  # (B, P) one score per pair; NaN where the overlap is empty
+    score: torch.Tensor  # (B,) mean over pairs with overlap; NaN (0 with empty="zero") if no pair overlaps
+    pair_scores: torch.Tensor  # (B, P) one score per pair; NaN (0 with empty="zero") where the overlap is empty
     overlap_fraction: torch.Tensor  # (B, P) fraction of rendered pixels covered in both renderings
     pairs: list[tuple[int, int]]  # the P scored (i, j) pairs, in order
     overlap_mask: torch.Tensor | None = None  # float 0/1
     score_map: torch.Tensor | None = None
     projections: torch.Tensor | None = None  # renderings of view i and view j, 0 where not covered
+    valid: torch.Tensor | None = None  # (B, P) bool: the pair's renderings overlap (its score means something)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         yield self.score
@@ -79,16 +84,38 @@ class MEt3ROutput:
                 yield value
 
 
+@dataclass
+class MEt3RConfig:
+    """The settings of a `MEt3R` (its constructor's arguments, networks named by string); see `MEt3R`."""
+
+    img_size: int | None = 256
+    use_norm: bool = True
+    backbone: str = "mast3r"
+    feature_backbone: str = "dino16"
+    upsampler: str = "featup"
+    distance: str = "cosine"
+    freeze: bool = True
+    symmetric: bool = False
+    reference: str = "seed"
+    backbone_weights: str | None = None
+    feature_backbone_weights: str | None = None
+    radius: float = 0.01
+    points_per_pixel: int = 10
+    chunk_size: int | None = 2
+    cache_dir: str | None = None
+    local_files_only: bool | None = None
+
+
 class MEt3R(nn.Module):
     """The MEt3R consistency metric: images (B, V, 3, H, W) in [-1, 1] -> `MEt3ROutput`.
 
     Args:
         img_size: side of the square rendering; None renders at the input resolution.
         use_norm: FeatUp's ChannelNorm on the DINO features (selects the matching checkpoint).
-        backbone: "mast3r", "dust3r" or a module with the official call signature
-            `backbone(view1, view2) -> (pred1, pred2)` (ours, or the original network object).
-        feature_backbone: "dino16" or a module mapping ImageNet-normalised images (N, 3, H, W) to
-            features (N, C, h, w) (e.g. `DinoFeatUp`). Only used by distance="cosine".
+        backbone: "mast3r", "dust3r" or a module of either geometry form in `backbones.py` (ours, the
+            original network object, or a stand-in with the official `backbone(view1, view2)` call).
+        feature_backbone: "dino16" or a module of either feature form in `backbones.py`, mapping
+            ImageNet-normalised images (N, 3, H, W) to features (N, C, h, w). Only used by distance="cosine".
         upsampler: "featup" (FeatUp's JBU stack) or a weight-free "bilinear" / "nearest" / "bicubic".
         distance: "cosine" on features (MEt3R), or "mse" / "rmse" / "psnr" / "ssim" / "lpips" on RGB.
         freeze: freeze every weight and keep the networks in eval mode.
@@ -107,6 +134,9 @@ class MEt3R(nn.Module):
 
     The seed's argument names `feat_backbone`, `featup_weights`, `dust3r_weights` and
     `use_mast3r_dust3r` are accepted as aliases.
+
+    Build it from a `MEt3RConfig` with `MEt3R.from_config`, or with `MEt3R.from_pretrained(...,
+    torch_dtype=, device=)`; `metric.config` holds the settings (networks passed as modules read "custom").
     """
 
     def __init__(
@@ -137,30 +167,31 @@ class MEt3R(nn.Module):
             raise ValueError(f"img_size must be a positive int or None, got {img_size!r}")
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {tuple(REFERENCES)}, got {reference!r}")
-        if not (isinstance(radius, (int, float)) and 0 < radius < math.inf):
-            raise ValueError(f"radius must be a positive number, got {radius!r}")
+        if isinstance(radius, bool) or not (isinstance(radius, (int, float)) and 0 < radius < math.inf):
+            raise ValueError(f"radius must be a positive finite number, got {radius!r}")
         if isinstance(points_per_pixel, bool) or not isinstance(points_per_pixel, int) or points_per_pixel < 1:
             raise ValueError(f"points_per_pixel must be a positive int, got {points_per_pixel!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
         settings = REFERENCES[reference]
         self.img_size = img_size
-        self.distance = distance
         self.symmetric = symmetric
         self.reference = reference
         self.radius = float(radius)
         self.points_per_pixel = points_per_pixel
         self.chunk_size = chunk_size
-        self._guidance = settings["guidance"]
-        self._mean_eps = settings["mean_eps"]
-        self._distance_fn = get_distance(distance, settings["cosine_eps"])
+        self.guidance_image = settings["guidance"]
+        self.mean_eps = settings["mean_eps"]
+        self.distance_fn = get_distance(distance, settings["cosine_eps"])
         load = {"cache_dir": cache_dir, "local_files_only": local_files_only}
 
         self.backbone = _build_backbone(backbone, backbone_weights, load)
         self.feature_backbone = None
-        if distance in FEATURE_DISTANCES:
+        if self.distance_fn.on_features:
             self.feature_backbone = _build_feature_backbone(
                 feature_backbone, feature_backbone_weights, use_norm, upsampler, cache_dir
             )
@@ -168,6 +199,67 @@ class MEt3R(nn.Module):
         if self.frozen:
             self.requires_grad_(False)
             self.eval()
+        self.config = MEt3RConfig(
+            img_size=img_size, use_norm=use_norm, backbone=backbone if isinstance(backbone, str) else "custom",
+            feature_backbone=feature_backbone if isinstance(feature_backbone, str) else "custom",
+            upsampler=upsampler, distance=distance, freeze=self.frozen, symmetric=symmetric, reference=reference,
+            backbone_weights=backbone_weights, feature_backbone_weights=feature_backbone_weights, radius=self.radius,
+            points_per_pixel=points_per_pixel, chunk_size=chunk_size, cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+
+    @property
+    def distance(self) -> str:
+        """Name of the distance the metric compares renderings with."""
+        return self.distance_fn.name
+
+    @classmethod
+    def from_config(cls, config: MEt3RConfig, **overrides: Any) -> MEt3R:
+        """Build a metric from a `MEt3RConfig`; `overrides` replace fields (e.g. `backbone=<module>`)."""
+        if not isinstance(config, MEt3RConfig):
+            raise TypeError(f"config must be a MEt3RConfig, got {type(config).__name__}")
+        settings = {**dataclasses.asdict(config), **overrides}
+        for name in ("backbone", "feature_backbone"):
+            if settings[name] == "custom":
+                raise ValueError(f"config.{name} is 'custom': pass the module as from_config(config, {name}=...)")
+        return cls(**settings)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | None = None,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> MEt3R:
+        """A metric whose geometry network loads from a hub id / local path (None: the default for `backbone`),
+        moved to `device` and `torch_dtype`; other keyword arguments are `MEt3R`'s."""
+        if pretrained_model_name_or_path is not None:
+            kwargs["backbone_weights"] = str(pretrained_model_name_or_path)
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
+        metric = cls(**kwargs)
+        return metric.to(device=device, dtype=torch_dtype)
+
+    @staticmethod
+    def download_weights(
+        backbone: str = "mast3r", use_norm: bool = True, cache_dir: str | None = None, revision: str | None = None
+    ) -> dict[str, dict[str, str]]:
+        """Fetch every file the default metric needs into the caches (for an offline machine): `hub.download_weights`."""
+        return download_weights(backbone=backbone, use_norm=use_norm, cache_dir=cache_dir, revision=revision)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the metric's weights (CPU for a metric without any)."""
+        parameter = next(self.parameters(), None)
+        return torch.device("cpu") if parameter is None else parameter.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point dtype of the metric's weights (float32 for a metric without any)."""
+        parameter = next(self.parameters(), None)
+        return torch.float32 if parameter is None else parameter.dtype
 
     def train(self, mode: bool = True) -> MEt3R:
         """A frozen metric stays in eval mode."""
@@ -183,6 +275,7 @@ class MEt3R(nn.Module):
         return_score_map: bool = False,
         return_projections: bool = False,
         geometry: dict[str, torch.Tensor] | None = None,
+        empty: str = "nan",
     ) -> MEt3ROutput:
         """Score view pairs of `images` (B, V, 3, H, W) in [-1, 1].
 
@@ -194,7 +287,11 @@ class MEt3R(nn.Module):
                 "conf": (B, P, 2, H, W)}, for each pair view i's and view j's point maps in view i's
                 camera frame (OpenCV axes; P may be omitted for one pair); see `geometry_from_cameras`.
                 With symmetric=True it must hold both directions: the P pairs, then the P reversed ones.
+            empty: score of a pair without overlap: "nan" (MEt3R's reporting) or "zero" (the NaN-free
+                objective for losses and guidance); `output.valid` marks the pairs that overlap either way.
         """
+        if empty not in functional.EMPTY_MODES:
+            raise ValueError(f"empty must be one of {functional.EMPTY_MODES}, got {empty!r}")
         self._check_images(images, needs_networks=geometry is None)
         batch, num_views = images.shape[:2]
         pair_list = resolve_pairs(pairs, num_views)
@@ -209,14 +306,14 @@ class MEt3R(nn.Module):
         views = images if len(used) == num_views else images[:, used]
         with contextlib.nullcontext() if wants_grad else torch.inference_mode():
             if geometry is None:
-                points, conf = self._geometry(views, directed_local)
+                points, conf = self.compute_geometry(views, directed_local)
             else:
                 points, conf = _check_geometry(geometry, batch, len(directed), images)
-            features = self._features(views)
-            results = self._score_pairs(views, features, points, conf, directed_local, return_projections)
+            features = self.compute_features(views)
+            scored = self._score_rows(views, features, points, conf, directed_local, empty, return_projections)
         if not wants_grad:  # ordinary tensors for the caller (inference tensors refuse autograd and in-place edits)
-            results = {key: value.clone() for key, value in results.items()}
-        return self._collect(results, pair_list, return_overlap_mask, return_score_map, return_projections)
+            scored = {key: value.clone() for key, value in scored.items()}
+        return self._collect(scored, pair_list, empty, return_overlap_mask, return_score_map, return_projections)
 
     def _check_images(self, images: torch.Tensor, needs_networks: bool) -> None:
         if not isinstance(images, torch.Tensor):
@@ -258,57 +355,48 @@ class MEt3R(nn.Module):
             yield slice(start, min(start + step, total))
 
     @torch.no_grad()
-    def _geometry(self, images: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Point maps (B, P, 2, H, W, 3) and confidences (B, P, 2, H, W) of the pairs, in view i's frame.
+    def compute_geometry(
+        self, images: torch.Tensor, pairs: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1: point maps (B, P, 2, H, W, 3) and confidences (B, P, 2, H, W) of the pairs, in view i's frame.
 
-        Our DUSt3R / MASt3R encode every view once and decode each pair from the shared tokens; any
-        other backbone is called on the pairs' images. At most `chunk_size` (sample, pair) rows at a time.
+        Every view is encoded once (for a shared-encoder backbone) and each pair decoded from the shared state;
+        at most `chunk_size` views or (sample, pair) rows at a time. Detached, as in the reference.
         """
         batch, num_views = images.shape[:2]
-        sample, first, second = _pair_rows(batch, pairs, images.device)
+        adapter = geometry_adapter(self.backbone)
+        flat = images.flatten(0, 1)
+        parts = [adapter.encode(flat[part]) for part in self._chunks(flat.shape[0])]
+        encoded = [torch.cat(tensors).unflatten(0, (batch, num_views)) for tensors in zip(*parts)]
+        sample, first, second = functional.pair_rows(batch, pairs, images.device)
         shape = tuple(images.shape[-2:])
-        shared = hasattr(self.backbone, "encode_views") and hasattr(self.backbone, "decode_pair")
-        if shared:
-            flat = images.flatten(0, 1)
-            encoded = [self.backbone.encode_views(flat[part]) for part in self._chunks(flat.shape[0])]
-            tokens = torch.cat([t for t, _ in encoded]).unflatten(0, (batch, num_views))
-            positions = torch.cat([p for _, p in encoded]).unflatten(0, (batch, num_views))
         points, conf = [], []
         for part in self._chunks(sample.shape[0]):
             b, i, j = sample[part], first[part], second[part]
-            if shared:
-                pred1, pred2 = self.backbone.decode_pair(
-                    tokens[b, i], positions[b, i], tokens[b, j], positions[b, j], shape, shape, descriptors=False
-                )
-            else:
-                pred1, pred2 = self.backbone(
-                    {"img": images[b, i], "instance": [""]}, {"img": images[b, j], "instance": [""]}
-                )
-            points.append(torch.stack([pred1["pts3d"], pred2["pts3d_in_other_view"]], 1))
-            conf.append(torch.stack([pred1["conf"], pred2["conf"]], 1))
+            pair_points, pair_conf = adapter.pair([t[b, i] for t in encoded], [t[b, j] for t in encoded], shape)
+            points.append(pair_points)
+            conf.append(pair_conf)
         size = (batch, len(pairs))
         return torch.cat(points).unflatten(0, size).float(), torch.cat(conf).unflatten(0, size).float()
 
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-pixel features of every view, channels last (B, V, H*W, C): upsampled DINO features (at least
-        float32), or the [0, 1] image for RGB distances. Channels last is the layout the renderer reads, made
-        once per view."""
+    def compute_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Stage 2: per-pixel features of every view, channels last (B, V, H*W, C).
+
+        Upsampled DINO features (at least float32), or the [0, 1] image for RGB distances. Channels last is the
+        layout the renderer reads, made once per view.
+        """
         batch, num_views, _, height, width = images.shape
         image01 = (images.flatten(0, 1) + 1) / 2
         if self.feature_backbone is None:
             return image01.flatten(2).transpose(1, 2).unflatten(0, (batch, num_views))
+        adapter = feature_adapter(self.feature_backbone)
         mean = torch.tensor(IMAGENET_MEAN, dtype=image01.dtype, device=image01.device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, dtype=image01.dtype, device=image01.device).view(3, 1, 1)
         normalized = (image01 - mean) / std
-        guidance = normalized if self._guidance == "normalized" else image01
-        two_stage = hasattr(self.feature_backbone, "low_res") and hasattr(self.feature_backbone, "upsample")
+        guidance = normalized if self.guidance_image == "normalized" else image01
         features = None  # filled chunk by chunk (no list of chunks and concatenated copy at once)
         for part in self._chunks(normalized.shape[0]):
-            if two_stage:
-                low_res = self.feature_backbone.low_res(normalized[part])
-                high_res = self.feature_backbone.upsample(low_res, guidance[part])
-            else:
-                high_res = self.feature_backbone(normalized[part])
+            high_res = adapter.features(normalized[part], guidance[part])
             if tuple(high_res.shape[-2:]) != (height, width):
                 high_res = F.interpolate(high_res, (height, width), mode="bilinear", align_corners=False)
             high_res = high_res.flatten(2).transpose(1, 2)  # (n, H*W, C)
@@ -318,76 +406,53 @@ class MEt3R(nn.Module):
             features[part] = high_res
         return features.unflatten(0, (batch, num_views))
 
-    def _score_pairs(
+    def _score_rows(
         self,
         images: torch.Tensor,
         features: torch.Tensor,
         points: torch.Tensor,
         conf: torch.Tensor,
         pairs: list[tuple[int, int]],
+        empty: str,
         keep_projections: bool,
     ) -> dict[str, torch.Tensor]:
-        """Render and score every pair, at most `chunk_size` (sample, pair) rows at a time: (B, P, ...) tensors."""
+        """Stage 3 (`functional.score_pairs`) for every (sample, pair) row, `chunk_size` rows at a time: (B, P, ...)."""
         batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
         render_size = (height, width) if self.img_size is None else (self.img_size, self.img_size)
-        sample, first, second = _pair_rows(batch, pairs, images.device)
+        sample, first, second = functional.pair_rows(batch, pairs, images.device)
         points, conf = points.flatten(0, 1), conf.flatten(0, 1)  # (B*P, 2, H, W, 3), (B*P, 2, H, W)
         num_views = features.shape[1]
         feature_table = features.flatten(0, 1).float()  # (B*V, H*W, C), each cloud picks its view's row
-        results: dict[str, list[torch.Tensor]] = {"score": [], "fraction": [], "mask": [], "map": [], "proj": []}
+        fields = ["score", "valid", "fraction", "mask", "score_map"] + (["projections"] if keep_projections else [])
+        results: dict[str, list[torch.Tensor]] = {name: [] for name in fields}
         for part in self._chunks(sample.shape[0]):
-            pts, cf = points[part], conf[part]
-            canon = canonical_point_map(pts[:, 0], pts[:, 1], cf[:, 0], cf[:, 1])
-            # clouds in the order (k, row): all views i, then all views j, so that each half of the
-            # renders is one contiguous block; both clouds of a row share view i's camera
-            focal = estimate_focal(canon).repeat(2, 1)
-            views = torch.stack([first[part], second[part]])  # (2, n): view i, view j
-            cloud_rows = (sample[part] * num_views + views).flatten()  # (2*n,)
-            # rendering and scoring run in float32 outside autocast, as in the reference
-            with torch.autocast(device_type=images.device.type, enabled=False):
-                rendered = render_points(
-                    pts.transpose(0, 1).flatten(0, 1).flatten(1, 2).float(),
-                    feature_table,
-                    focal.float(),
-                    image_size=render_size,
-                    radius=self.radius,
-                    points_per_pixel=self.points_per_pixel,
-                    background=0.0,
-                    feature_index=cloud_rows,
-                )
-                # (2*n, Hr, Wr, C) -> (2, n, C, Hr, Wr); pixels without any point are 0
-                projections = rendered.images.permute(0, 3, 1, 2).unflatten(0, (2, -1))
-                mask = (rendered.idx[..., 0] >= 0).unflatten(0, (2, -1)).all(dim=0).to(projections.dtype)
-                score_map = self._distance_fn(projections[0], projections[1])
-                mean = masked_psnr if self.distance == "psnr" else masked_mean
-                results["score"].append(mean(score_map, mask, self._mean_eps))
-            results["fraction"].append(mask.mean((-2, -1)))
-            results["mask"].append(mask)
-            results["map"].append(score_map)
-            if keep_projections:
-                results["proj"].append(projections.transpose(0, 1))
-        return {key: torch.cat(value).unflatten(0, (batch, len(pairs))) for key, value in results.items() if value}
+            feature_rows = sample[part] * num_views + torch.stack([first[part], second[part]])  # (2, n)
+            scored = functional.score_pairs(
+                points[part], conf[part], feature_table, feature_rows, self.distance_fn, render_size,
+                radius=self.radius, points_per_pixel=self.points_per_pixel, eps=self.mean_eps, empty=empty,
+            )
+            for name in fields:
+                results[name].append(getattr(scored, name))
+        return {name: torch.cat(value).unflatten(0, (batch, len(pairs))) for name, value in results.items()}
 
     def _collect(
         self,
         results: dict[str, torch.Tensor],
         pairs: list[tuple[int, int]],
+        empty: str,
         return_overlap_mask: bool,
         return_score_map: bool,
         return_projections: bool,
     ) -> MEt3ROutput:
-        """Fold the directed results into the output (averaging both directions when symmetric)."""
+        """Stage 4: fold the directed results into the output (averaging both directions when symmetric)."""
         num = len(pairs)
-        pair_scores, fraction = results["score"][:, :num], results["fraction"][:, :num]
+        pair_scores, valid, fraction = results["score"][:, :num], results["valid"][:, :num], results["fraction"][:, :num]
         if self.symmetric:
-            pair_scores = torch.stack([pair_scores, results["score"][:, num:]]).nanmean(0)
+            pair_scores, valid = functional.fold_symmetric(
+                pair_scores, valid, results["score"][:, num:], results["valid"][:, num:], empty
+            )
             fraction = (fraction + results["fraction"][:, num:]) / 2
-        if num == 1:
-            score = pair_scores[:, 0]
-        else:
-            with warnings.catch_warnings():  # a sample whose pairs all lack overlap is NaN, by design
-                warnings.simplefilter("ignore")
-                score = pair_scores.nanmean(1)
+        score = functional.sample_scores(pair_scores, valid, empty)
 
         def maps(key: str, wanted: bool) -> torch.Tensor | None:
             if not wanted:
@@ -401,19 +466,13 @@ class MEt3R(nn.Module):
             overlap_fraction=fraction,
             pairs=list(pairs),
             overlap_mask=maps("mask", return_overlap_mask),
-            score_map=maps("map", return_score_map),
-            projections=maps("proj", return_projections),
+            score_map=maps("score_map", return_score_map),
+            projections=maps("projections", return_projections),
+            valid=valid,
         )
 
 
 # ---------------------------------------------------------------------- construction helpers
-
-
-def _pair_rows(batch: int, pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Sample index, view i and view j of every (sample, pair) row, rows in (b, pair) order: three (B*P,) tensors."""
-    index = torch.tensor(pairs, device=device)  # (P, 2)
-    sample = torch.arange(batch, device=device).repeat_interleave(len(pairs))
-    return sample, index[:, 0].repeat(batch), index[:, 1].repeat(batch)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -500,107 +559,3 @@ def _check_geometry(
     if points.device != images.device or conf.device != images.device:
         raise ValueError(f"geometry must be on the device of the images ({images.device})")
     return points.detach().float(), conf.detach().float()
-
-
-def geometry_from_cameras(
-    world_points: torch.Tensor,
-    world_to_camera: torch.Tensor,
-    pairs: PairSpec = None,
-    conf: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Known geometry as `MEt3R.forward(geometry=...)` takes it: each pair's point maps in view i's camera.
-
-    Args:
-        world_points: (B, V, H, W, 3) per-pixel world points of every view (e.g. unprojected depth).
-        world_to_camera: (B, V, 4, 4) extrinsics mapping world points to each view's camera frame
-            (OpenCV axes: x right, y down, z forward).
-        pairs: the pairs that will be scored (same meaning as in `MEt3R.forward`).
-        conf: optional (B, V, H, W) confidences (>= 1, as DUSt3R's); uniform when omitted.
-    """
-    if world_points.ndim != 5 or world_points.shape[-1] != 3:
-        raise ValueError(f"world_points must have shape (B, V, H, W, 3), got {tuple(world_points.shape)}")
-    batch, num_views = world_points.shape[:2]
-    if tuple(world_to_camera.shape) != (batch, num_views, 4, 4):
-        raise ValueError(
-            f"world_to_camera must have shape (B, V, 4, 4) = ({batch}, {num_views}, 4, 4), "
-            f"got {tuple(world_to_camera.shape)}"
-        )
-    if conf is None:
-        conf = torch.full(world_points.shape[:-1], 2.0, dtype=world_points.dtype, device=world_points.device)
-    elif tuple(conf.shape) != tuple(world_points.shape[:-1]):
-        raise ValueError(f"conf must have shape (B, V, H, W) = {tuple(world_points.shape[:-1])}, got {tuple(conf.shape)}")
-    index = torch.tensor(resolve_pairs(pairs, num_views), device=world_points.device)  # (P, 2)
-    rotation = world_to_camera[:, index[:, 0], None, :3, :3]  # (B, P, 1, 3, 3): camera i of each pair
-    translation = world_to_camera[:, index[:, 0], None, :3, 3]  # (B, P, 1, 3)
-    points = world_points[:, index]  # (B, P, 2, H, W, 3)
-    in_camera = torch.einsum("bpkij,bpkhwj->bpkhwi", rotation, points) + translation[:, :, :, None, None]
-    return {"pts3d": in_camera, "conf": conf[:, index]}
-
-
-# ---------------------------------------------------------------------- accumulating evaluator
-
-
-class MEt3REvaluator:
-    """Accumulate MEt3R over batches, torchmetrics style: `update(images)`, `compute()`, `reset()`.
-
-    `compute()` gathers the per-sample results of every process when torch.distributed is
-    initialised, so each process returns the same numbers.
-    """
-
-    def __init__(self, metric: nn.Module, pairs: PairSpec = None):
-        self.metric = metric
-        self.pairs = pairs
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything accumulated so far."""
-        self._scores: list[torch.Tensor] = []
-        self._pair_scores: list[torch.Tensor] = []
-        self._fractions: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def update(self, images: torch.Tensor, **kwargs: Any) -> MEt3ROutput:
-        """Score one batch (B, V, 3, H, W) and keep its per-sample results; returns the batch's output."""
-        output = self.metric(images, pairs=self.pairs, **kwargs)
-        if self._pair_scores and output.pair_scores.shape[1] != self._pair_scores[0].shape[1]:
-            raise ValueError("every batch must score the same number of pairs (same V and pairs)")
-        self._scores.append(output.score.detach().float().cpu())
-        self._pair_scores.append(output.pair_scores.detach().float().cpu())
-        self._fractions.append(output.overlap_fraction.detach().float().cpu())
-        return output
-
-    def compute(self) -> dict[str, Any]:
-        """Means over all samples seen (by all processes): "score", "pair_scores" (P,), "overlap_fraction",
-        "num_samples" and "num_empty" (samples whose pairs all lack overlap, left out of the mean)."""
-        if not self._scores:
-            raise RuntimeError("MEt3REvaluator.compute() called before any update()")
-        scores = _gather(torch.cat(self._scores))
-        pair_scores = _gather(torch.cat(self._pair_scores))
-        fractions = _gather(torch.cat(self._fractions))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return {
-                "score": scores.nanmean(),
-                "pair_scores": pair_scores.nanmean(0),
-                "overlap_fraction": fractions.mean(),
-                "num_samples": scores.shape[0],
-                "num_empty": int(scores.isnan().sum()),
-            }
-
-
-def _gather(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate `values` (N, ...) over all processes (sizes may differ); identity without torch.distributed."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
-    size = torch.tensor([values.shape[0]], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.full((longest, *values.shape[1:]), math.nan, device=device)
-    padded[: values.shape[0]] = values.to(device)
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)]).cpu()

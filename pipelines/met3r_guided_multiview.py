@@ -30,7 +30,7 @@ in the backward pass instead of storing them; `met3r_decode_size` decodes the x0
 (latents are downscaled first); `met3r_every_n_steps` guides only every N-th step.
 
 Pairs without overlap: with a metric that returns its score map and overlap mask (`MEt3R`) the guided objective
-ignores them (no NaN gradient; see `met3r_diffusers.callbacks.guidance_scores`); with other metrics a sample whose
+ignores them (no NaN gradient; see `met3r_diffusers.loss.guidance_objective`); with other metrics a sample whose
 gradient is not finite is left unguided at that step.
 """
 from __future__ import annotations
@@ -49,9 +49,16 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from met3r_diffusers.callbacks import guidance_scores, zero_nonfinite_samples
-from met3r_diffusers.diffusion import _sample_coefficients, decode_latents, is_flow_matching, predict_x0
-from met3r_diffusers.views import resolve_pairs
+from met3r_diffusers.diffusion import (
+    ViewLayout,
+    decode_latents,
+    decode_views,
+    is_flow_matching,
+    predict_x0,
+    sample_coefficients,
+)
+from met3r_diffusers.loss import guidance_direction, guidance_objective
+from met3r_diffusers.pairs import resolve_pairs
 
 
 @dataclass
@@ -114,7 +121,7 @@ class MEt3RGuidedMultiViewPipeline(DiffusionPipeline):
 
     def _guided_output(self, model_output: torch.Tensor, grad: torch.Tensor, t, scale: float) -> torch.Tensor:
         """Model output after classifier guidance eps' = eps + scale * sigma_t * grad, in the scheduler's type."""
-        alpha, sigma = (float(c[0]) for c in _sample_coefficients(self.scheduler, t))
+        alpha, sigma = (float(c[0]) for c in sample_coefficients(self.scheduler, t))
         alpha = max(alpha, 1e-3)
         d_eps = (scale * sigma) * grad
         d_x0 = (-sigma / alpha) * d_eps  # x0 = (x_t - sigma * eps) / alpha
@@ -275,19 +282,15 @@ class MEt3RGuidedMultiViewPipeline(DiffusionPipeline):
                     )
                     if guide:
                         x0 = predict_x0(model_output, x_t, t, self.scheduler)
-                        images = decode_latents(self.vae, x0, size=met3r_decode_size)
-                        output, objective = guidance_scores(
-                            metric, images.unflatten(0, (num_samples, num_views)), met3r_pairs
-                        )
+                        views = decode_views(self.vae, x0, ViewLayout("batch", num_views), size=met3r_decode_size)
+                        output, objective = guidance_objective(metric, views, met3r_pairs)
                         (grad,) = torch.autograd.grad(objective.sum(), x_t)
                         scores = output.score if hasattr(output, "score") else output
                         history.append({"step": i, "timestep": t.item(), "scores": scores.detach().float().cpu()})
                 model_output = model_output.detach()
                 if guide:
-                    grad = zero_nonfinite_samples(grad, num_samples)[0].reshape(grad.shape)  # NaN: no guidance
-                    if met3r_max_grad_norm is not None:
-                        rms = grad.flatten(1).square().mean(1).sqrt().reshape(-1, 1, 1, 1)
-                        grad = grad * (met3r_max_grad_norm / rms.clamp_min(1e-12)).clamp(max=1.0)
+                    # NaN rows (no guidance for that sample) and the RMS cap per sample, as MEt3RCallback does
+                    grad, _ = guidance_direction(grad, num_samples, normalize=False, max_norm=met3r_max_grad_norm)
                     model_output = self._guided_output(model_output, grad, t, met3r_guidance_scale)
                 latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
 

@@ -7,6 +7,7 @@ plus the two special tokens, and no merges), so no tokenizer download is needed.
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 from typing import ClassVar
 
@@ -29,81 +30,14 @@ from diffusers.callbacks import MultiPipelineCallbacks
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from met3r_diffusers.callbacks import MEt3RCallback
+from met3r_diffusers.testing import tiny_sd_components, tiny_vae
 from met3r_diffusers.diffusion import decode_latents
-from met3r_diffusers.views import resolve_pairs
+from met3r_diffusers.pairs import resolve_pairs
 
 PROMPT = "a chair"
 
 
 # ----------------------------------------------------------------------------- tiny components
-
-
-def tiny_clip_tokenizer(directory) -> CLIPTokenizer:
-    """A CLIP tokenizer over single byte characters, written to `directory` (no download)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [256 + n for n in range(256 - len(printable))]
-    chars = [chr(c) for c in printable + extra]  # GPT-2's byte -> unicode alphabet
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
-    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    merges_file.write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
-
-
-def tiny_vae(**kwargs) -> AutoencoderKL:
-    """A seeded two-level AutoencoderKL (4 latent channels, 2x downsampling); kwargs go to its config."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=[8, 16],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        **kwargs,
-    ).eval()
-
-
-def tiny_sd_components(directory, scheduler=None) -> dict:
-    """Tiny StableDiffusionPipeline components (32x32 images, 16x16 latents)."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=514,
-            max_position_embeddings=16,
-        )
-    )
-    return {
-        "unet": unet,
-        "vae": tiny_vae(),
-        "text_encoder": text_encoder,
-        "tokenizer": tiny_clip_tokenizer(directory),
-        "scheduler": scheduler or DDIMScheduler(clip_sample=False),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
 
 
 class _FlowMatchForUNet(FlowMatchEulerDiscreteScheduler):
@@ -421,15 +355,10 @@ def test_guidance_lowers_the_final_score(tmp_path, name):
 
 
 def _toy_metric(**kwargs):
-    """training/toy_metric.py's stand-in: MEt3R's full call signature (maps, masks) and NaN for empty overlaps."""
-    import importlib.util
+    """met3r_diffusers.testing's stand-in: MEt3R's full call signature (maps, masks) and NaN for empty overlaps."""
+    from met3r_diffusers.testing import FeatureConsistencyMetric
 
-    from _parity import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("toy_metric", REPO_ROOT / "training" / "toy_metric.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.FeatureConsistencyMetric(**kwargs)
+    return FeatureConsistencyMetric(**kwargs)
 
 
 def test_guidance_with_a_pair_without_overlap_stays_finite(sd_pipe):
@@ -469,8 +398,8 @@ def test_accepts_a_loss_and_single_pair_scores_of_shape_b(sd_pipe):
 
 
 def test_scores_and_guides_with_the_real_metric_class(sd_pipe):
-    """MEt3R itself (plane geometry, random conv features: tests/_tiny.py) inside the callback."""
-    from _tiny import tiny_met3r
+    """MEt3R itself (plane geometry, random conv features: met3r_diffusers.testing) inside the callback."""
+    from met3r_diffusers.testing import tiny_met3r
 
     metric = tiny_met3r(seed=0)
     plain = _run(sd_pipe, steps=4, views=3)
@@ -482,3 +411,71 @@ def test_scores_and_guides_with_the_real_metric_class(sd_pipe):
         assert entry["pair_scores"].shape == (1, 2) and torch.isfinite(entry["pair_scores"]).all()
         torch.testing.assert_close(entry["scores"], entry["pair_scores"].mean(1))
     assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
+
+
+# ----------------------------------------------------------------------------- composition (one tap per scheduler)
+
+
+def test_two_callbacks_compose_attached_or_not(sd_pipe):
+    scorer = MEt3RCallback(FeatureConsistency(), num_views=2)
+    guider = MEt3RCallback(_toy_metric(shift=1), num_views=2, guidance_scale=0.3, every_n_steps=100)
+    alone = MEt3RCallback(_toy_metric(shift=1), num_views=2, guidance_scale=0.3, every_n_steps=100)
+    with alone.attach(sd_pipe):
+        guided_alone = _run(sd_pipe, alone, steps=4, views=4)
+    with scorer.attach(sd_pipe), guider.attach(sd_pipe):
+        guided = _run(sd_pipe, MultiPipelineCallbacks([scorer, guider]), steps=4, views=4)
+    assert [entry["step"] for entry in scorer.history] == [0, 1, 2, 3]
+    assert torch.equal(guided, guided_alone)  # the scorer changes nothing; the guider works as alone
+    assert "step" not in sd_pipe.scheduler.__dict__
+    # auto-attached on their first call (step 0 is missed, with a warning): no KeyError from stacked wrappers
+    scorer, guider = MEt3RCallback(FeatureConsistency(), num_views=2), MEt3RCallback(
+        _toy_metric(shift=1), num_views=2, guidance_scale=0.3)
+    with pytest.warns(UserWarning, match="attach"):
+        _run(sd_pipe, MultiPipelineCallbacks([scorer, guider]), steps=4, views=4)
+    assert [entry["step"] for entry in scorer.history] == [1, 2, 3]
+    assert "step" not in sd_pipe.scheduler.__dict__
+
+
+def test_attach_and_close_in_any_order(sd_pipe):
+    first, second = MEt3RCallback(FeatureConsistency(), num_views=2), MEt3RCallback(FeatureConsistency(), num_views=2)
+    first.attach(sd_pipe)
+    second.attach(sd_pipe)
+    first.close()  # the other stays served
+    assert "step" in sd_pipe.scheduler.__dict__
+    _run(sd_pipe, MultiPipelineCallbacks([second]), steps=3, views=2)
+    assert [entry["step"] for entry in second.history] == [0, 1, 2]
+    second.close()
+    assert "step" not in sd_pipe.scheduler.__dict__
+    # a nested attach of the same callback does not detach the outer block
+    callback = MEt3RCallback(FeatureConsistency(), num_views=2, every_n_steps=100)
+    with callback.attach(sd_pipe):
+        with callback.attach(sd_pipe):
+            pass
+        assert "step" in sd_pipe.scheduler.__dict__
+    assert "step" not in sd_pipe.scheduler.__dict__
+
+
+@pytest.mark.parametrize("name, value", [
+    ("guidance_scale", math.nan), ("guidance_scale", math.inf), ("guidance_scale", -0.1),
+    ("max_grad_norm", math.nan), ("max_grad_norm", math.inf), ("max_grad_norm", 0.0),
+    ("start", math.nan), ("every_n_steps", 1.5),
+])
+def test_non_finite_settings_are_refused(name, value):
+    with pytest.raises(ValueError, match=name.split("_")[0] if name == "start" else name):
+        MEt3RCallback(FeatureConsistency(), **{name: value})
+
+
+def test_pairs_are_checked_against_num_views_at_construction():
+    with pytest.raises(ValueError, match="out of range"):
+        MEt3RCallback(FeatureConsistency(), num_views=3, pairs=[(0, 3)])
+    with pytest.raises(ValueError, match="integers"):
+        MEt3RCallback(FeatureConsistency(), pairs=[(0.9, 1.7)])
+
+
+def test_bf16_metric_scores_float32_decoded_views(sd_pipe):
+    from met3r_diffusers.testing import tiny_met3r
+
+    callback = MEt3RCallback(tiny_met3r().to(torch.bfloat16), num_views=2, every_n_steps=100, guidance_scale=0.1)
+    with callback.attach(sd_pipe):
+        latents = _run(sd_pipe, callback, steps=2, views=2)
+    assert torch.isfinite(latents).all() and torch.isfinite(callback.history[-1]["scores"]).all()

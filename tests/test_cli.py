@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny import TINY_MAST3R
+from met3r_diffusers.testing import TINY_MAST3R
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -19,7 +19,7 @@ from diffusers import (
 from test_callbacks import FeatureConsistency, tiny_sd_components
 
 from met3r_diffusers.callbacks import MEt3RCallback
-from met3r_diffusers.diffusion import _sample_coefficients, predict_x0
+from met3r_diffusers.diffusion import sample_coefficients, predict_x0
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "met3r_guided_multiview.py"
 
@@ -115,7 +115,7 @@ def test_guided_output_is_classifier_guidance(tmp_path, make_scheduler):
     g = torch.Generator().manual_seed(0)
     x, output, grad = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
     guided = pipe._guided_output(output, grad, t, 0.7)
-    alpha, sigma = (float(c[0]) for c in _sample_coefficients(pipe.scheduler, t))
+    alpha, sigma = (float(c[0]) for c in sample_coefficients(pipe.scheduler, t))
 
     def implied_eps(model_output):
         return (x - alpha * predict_x0(model_output, x, t, pipe.scheduler)) / sigma

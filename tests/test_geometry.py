@@ -4,7 +4,7 @@ import pytest
 import torch
 from _parity import load_json, load_tensors
 
-from met3r_diffusers.geometry import _focal_votes, canonical_point_map, estimate_focal
+from met3r_diffusers.functional import _focal_votes, canonical_point_map, estimate_focal
 
 FOCAL_CASES = ["focal_scene_48x64", "focal_scene_64x64", "focal_scene_dense_32x32", "focal_edge_6x8"]
 

@@ -1,24 +1,14 @@
 """MEt3RLoss: reductions, pair subsampling, timestep gating, empty overlaps, chunking, frozen metric, decoding."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from _parity import REPO_ROOT
 
 from met3r_diffusers import MEt3RLoss
 from met3r_diffusers.loss import decode_views, predict_x0
 
 
-def _toy_metric_class():
-    spec = importlib.util.spec_from_file_location("toy_metric", REPO_ROOT / "training" / "toy_metric.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.FeatureConsistencyMetric
-
-
-FeatureConsistencyMetric = _toy_metric_class()
+from met3r_diffusers.testing import FeatureConsistencyMetric
 
 
 def _views(batch=2, num_views=4, size=16, seed=0):

@@ -159,14 +159,14 @@ def test_full_chain_on_standin_weights(name, featup):
         backbone = model_class(**manifest["init_kwargs"])
     backbone.load_state_dict(standin_state_dict(("dust3r", f"{config}.manifest.json"), seed=0), assign=True)
     metric = MEt3R(img_size=None, backbone=backbone, feature_backbone=featup)
-    points, conf = metric._geometry(ref["images"], [(0, 1)])
+    points, conf = metric.compute_geometry(ref["images"], [(0, 1)])
     for ours, expected in ((points[:, 0, 0], ref["pred1.pts3d"]), (points[:, 0, 1], ref["pred2.pts3d_in_other_view"])):
         # random-weight backbones are ill-conditioned (README 5): relative to the point's distance
         assert ((ours - expected).norm(dim=-1) / (1 + expected.norm(dim=-1))).max() <= 3e-4
         assert (ours - expected).abs().max() / expected.abs().max() <= 1e-4
     torch.testing.assert_close(conf[:, 0], torch.stack([ref["pred1.conf"], ref["pred2.conf"]], 1), rtol=1e-4, atol=0)
     with torch.no_grad():
-        features = metric._features(ref["images"]).flatten(0, 1)  # (B*2, H*W, C)
+        features = metric.compute_features(ref["images"]).flatten(0, 1)  # (B*2, H*W, C)
     torch.testing.assert_close(features.norm(dim=-1), ref["features.norm"], rtol=1e-4, atol=0)
     out, grad = _run(metric, ref["images"])
     # the random backbone's geometry has no overlap: the reference scores 0, we score NaN and report it

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _tiny import TINY_MAST3R, PlaneGeometry, TinyFeatures, plane_points, tiny_met3r
+from met3r_diffusers.testing import TINY_MAST3R, PlaneGeometry, TinyFeatures, plane_points, tiny_met3r
 from torch import nn
 
 from met3r_diffusers import MEt3R, MEt3REvaluator, MEt3RLoss
@@ -59,7 +59,7 @@ def test_per_view_work_runs_once_per_view(tiny_mast3r, monkeypatch):
 def test_shared_encoder_geometry_equals_pairwise_forward(tiny_mast3r):
     views = _views(batch=2, num_views=3)
     metric = MEt3R(img_size=None, backbone=tiny_mast3r, feature_backbone=TinyFeatures())
-    points, conf = metric._geometry(views, [(0, 1), (2, 0)])
+    points, conf = metric.compute_geometry(views, [(0, 1), (2, 0)])
     for p, (i, j) in enumerate([(0, 1), (2, 0)]):
         pred1, pred2 = tiny_mast3r({"img": views[:, i]}, {"img": views[:, j]})
         torch.testing.assert_close(points[:, p, 0], pred1["pts3d"], rtol=1e-4, atol=1e-5)
@@ -113,8 +113,8 @@ def test_inference_mode_without_gradient_and_grad_with_it(monkeypatch):
     metric = _metric()
     views = _views(batch=1, num_views=2)
     seen = []
-    features = metric._features
-    monkeypatch.setattr(metric, "_features", lambda images: seen.append(torch.is_inference_mode_enabled()) or features(images))
+    features = metric.compute_features
+    monkeypatch.setattr(metric, "compute_features", lambda images: seen.append(torch.is_inference_mode_enabled()) or features(images))
     out = metric(views, return_score_map=True)
     assert seen == [True]
     # what the caller gets is an ordinary tensor: usable in autograd and editable in place
@@ -297,7 +297,7 @@ def test_bf16_autocast_keeps_features_rendering_and_score_in_float32():
     reference = metric(views)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert metric.feature_backbone(views[:, 0]).dtype == torch.bfloat16
-        assert metric._features(views).dtype == torch.float32
+        assert metric.compute_features(views).dtype == torch.float32
         low = metric(views)
     assert low.pair_scores.dtype == torch.float32
     torch.testing.assert_close(low.pair_scores, reference.pair_scores, atol=2e-2, rtol=0)

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 from met3r_diffusers.data import make_toy_multiview_dataset
 from met3r_diffusers.loss import MEt3RLoss, decode_views, predict_x0
-from met3r_diffusers.training import MEt3REvalHook
+from met3r_diffusers.evaluation import MEt3REvalHook
 
 SCRIPT = REPO_ROOT / "training" / "train_met3r_finetune.py"
-TOY_METRIC = f"{REPO_ROOT / 'training' / 'toy_metric.py'}:FeatureConsistencyMetric"
+TOY_METRIC = "met3r_diffusers.testing:FeatureConsistencyMetric"
 
 
 def _load(path, name):
@@ -38,7 +38,7 @@ def _load(path, name):
 
 
 train_script = _load(SCRIPT, "train_met3r_finetune")
-FeatureConsistencyMetric = _load(REPO_ROOT / "training" / "toy_metric.py", "toy_metric").FeatureConsistencyMetric
+from met3r_diffusers.testing import FeatureConsistencyMetric, tiny_training_components  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -120,8 +120,8 @@ def test_full_finetune_each_prediction_type(toy_data, tmp_path, prediction_type)
 
 
 def test_script_with_the_real_metric_class(toy_data, tmp_path):
-    """The script's default factory type: MEt3R itself (tests/_tiny.py: plane geometry, random conv features)."""
-    factory = f"{REPO_ROOT / 'tests' / '_tiny.py'}:tiny_met3r"
+    """The script's default factory type: MEt3R itself (met3r_diffusers.testing: plane geometry, random conv features)."""
+    factory = "met3r_diffusers.testing:tiny_met3r"
     args = _args(toy_data, tmp_path, "--max_train_steps", "2", "--validation_steps", "2", "--use_lora",
                  "--met3r_weight", "1.0")
     args[args.index(TOY_METRIC)] = factory
@@ -136,7 +136,7 @@ def test_regulariser_gradient_reaches_lora_parameters(toy_data):
     """λ·MEt3R alone gives finite, non-zero gradients on the LoRA weights, none on the frozen base or the metric."""
     from peft import LoraConfig
 
-    components = train_script._tiny_components(32, 3, seed=0, prediction_type="epsilon")
+    components = tiny_training_components(32, 3, seed=0, prediction_type="epsilon")
     unet, vae, scheduler = components["unet"], components["vae"], components["scheduler"]
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -188,7 +188,7 @@ def test_bad_configuration_fails_before_training(toy_data, tmp_path, extra, matc
 def test_mismatched_view_sizes_fail_before_any_model_is_built(tmp_path, monkeypatch):
     _write_views(tmp_path / "data" / "scene_0", [(32, 32), (32, 32)])
     _write_views(tmp_path / "data" / "scene_1", [(32, 32), (48, 32)])
-    monkeypatch.setattr(train_script, "_tiny_components", lambda *a, **k: pytest.fail("components were built"))
+    monkeypatch.setattr(train_script, "tiny_training_components", lambda *a, **k: pytest.fail("components were built"))
     with pytest.raises(ValueError, match="scene_1.*mismatched sizes"):
         _run(*_args(tmp_path / "data", tmp_path / "out", "--max_train_steps", "1"))
     assert not (tmp_path / "out").exists()

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from met3r_diffusers.views import ViewLayout, resolve_pairs
+from met3r_diffusers.diffusion import ViewLayout
+from met3r_diffusers.pairs import resolve_pairs
 
 
 def test_resolve_pairs_modes():

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,9 +37,10 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 
 from met3r_diffusers.data import MultiViewFolderDataset, collate_multiview
-from met3r_diffusers.diffusion import decode_latents
-from met3r_diffusers.loss import MEt3RLoss, decode_views, predict_x0
-from met3r_diffusers.training import MEt3REvalHook
+from met3r_diffusers.diffusion import ViewLayout, decode_views, predict_x0
+from met3r_diffusers.evaluation import MEt3REvalHook
+from met3r_diffusers.loss import MEt3RLoss
+from met3r_diffusers.testing import tiny_training_components
 
 logger = get_logger(__name__)
 
@@ -148,44 +148,6 @@ def validate_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- components
 
 
-def _tiny_tokenizer(directory: str):
-    """A CLIP tokenizer over GPT-2's 256 byte characters (each a token, no merges), written to `directory`."""
-    from transformers import CLIPTokenizer
-
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]  # bytes GPT-2 maps to themselves
-    remapped = [b for b in range(256) if b not in keep]
-    chars = [chr(b) for b in keep] + [chr(256 + n) for n in range(len(remapped))]
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump({token: index for index, token in enumerate(tokens)}, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
-                         model_max_length=32)
-
-
-def _tiny_components(resolution: int, num_views: int, seed: int, prediction_type: str) -> dict:
-    """Tiny random UNet (class-conditioned on the view index), VAE (4x down), CLIP text model and DDPM scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=[8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=4, norm_num_groups=4)
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, num_class_embeds=max(num_views, 8),
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=64,
-        num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=32,
-    ))
-    tokenizer = _tiny_tokenizer(tempfile.mkdtemp(prefix="met3r-tiny-tokenizer-"))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type or "epsilon")
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
-
-
 def _pretrained_components(args: argparse.Namespace) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -265,7 +227,7 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    components = (_tiny_components(height, num_views, args.seed, args.prediction_type) if args.tiny_test_model
+    components = (tiny_training_components(height, num_views, args.seed, args.prediction_type) if args.tiny_test_model
                   else _pretrained_components(args))
     unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
     noise_scheduler = components["scheduler"]
@@ -333,8 +295,7 @@ def main(args: argparse.Namespace) -> dict:
                 noise_pred = model(model_input, t, context, class_labels=labels).sample
                 latents = scheduler.step(noise_pred.float(), t, latents).prev_sample
         model.train(was_training)
-        images = decode_latents(vae, latents.to(weight_dtype), size=(height, width))
-        return images.float().reshape(len(prompts), num_views, *images.shape[1:])
+        return decode_views(vae, latents.to(weight_dtype), ViewLayout("batch", num_views), size=(height, width)).float()
 
     hook = None
     if args.num_validation_samples > 0:
@@ -412,7 +373,7 @@ def main(args: argparse.Namespace) -> dict:
                         chosen = gate.repeat_interleave(num_views)
                         x0 = predict_x0(model_pred[chosen].float(), noisy_latents[chosen].float(),
                                         timesteps[chosen], noise_scheduler)
-                        views = decode_views(vae, x0, num_views, size=args.met3r_resolution,
+                        views = decode_views(vae, x0, ViewLayout("batch", num_views), size=args.met3r_resolution,
                                              gradient_checkpointing=args.vae_gradient_checkpointing)
                         reg = met3r_loss(views.float(), timesteps=scene_t[gate])
                 loss = diffusion_loss + args.met3r_weight * reg
