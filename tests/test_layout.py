@@ -124,3 +124,19 @@ def test_logging_verbosity_helpers():
         assert met3r_logging.get_verbosity() == logging.WARNING
     with pytest.raises(ValueError, match="level"):
         met3r_logging.set_verbosity("loud")
+
+
+def test_deprecated_masked_pair_scores_and_num_views_keyword():
+    import torch
+
+    from met3r_diffusers.diffusion import decode_views
+    from met3r_diffusers.loss import masked_pair_scores
+
+    score_map, mask = torch.rand(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    mask[:, 1] = 0
+    with pytest.warns(FutureWarning):
+        scores, valid = masked_pair_scores(score_map, mask, 3)
+    assert valid[:, 1].logical_not().all() and (scores[:, 1] == 0).all()
+    with pytest.warns(FutureWarning, match="num_views"):
+        views = decode_views(lambda z: z[:, :3], torch.rand(4, 4, 8, 8), num_views=2)
+    assert views.shape == (2, 2, 3, 8, 8)
