@@ -276,6 +276,7 @@ class MEt3R(nn.Module):
         return_projections: bool = False,
         geometry: dict[str, torch.Tensor] | None = None,
         empty: str = "nan",
+        min_overlap: float | None = None,
     ) -> MEt3ROutput:
         """Score view pairs of `images` (B, V, 3, H, W) in [-1, 1].
 
@@ -289,9 +290,13 @@ class MEt3R(nn.Module):
                 With symmetric=True it must hold both directions: the P pairs, then the P reversed ones.
             empty: score of a pair without overlap: "nan" (MEt3R's reporting) or "zero" (the NaN-free
                 objective for losses and guidance); `output.valid` marks the pairs that overlap either way.
+            min_overlap: pairs whose `overlap_fraction` is below this are treated as pairs without overlap
+                (valid=False, scored per `empty`, left out of `score`); None or 0 keeps every overlapping pair.
         """
         if empty not in functional.EMPTY_MODES:
             raise ValueError(f"empty must be one of {functional.EMPTY_MODES}, got {empty!r}")
+        if min_overlap is not None and not (isinstance(min_overlap, (int, float)) and 0 <= min_overlap <= 1):
+            raise ValueError(f"min_overlap must be a number in [0, 1] or None, got {min_overlap!r}")
         self._check_images(images, needs_networks=geometry is None)
         batch, num_views = images.shape[:2]
         pair_list = resolve_pairs(pairs, num_views)
@@ -313,7 +318,13 @@ class MEt3R(nn.Module):
             scored = self._score_rows(views, features, points, conf, directed_local, empty, return_projections)
         if not wants_grad:  # ordinary tensors for the caller (inference tensors refuse autograd and in-place edits)
             scored = {key: value.clone() for key, value in scored.items()}
-        return self._collect(scored, pair_list, empty, return_overlap_mask, return_score_map, return_projections)
+        output = self._collect(scored, pair_list, empty, return_overlap_mask, return_score_map, return_projections)
+        if min_overlap:  # low-overlap pairs become empty ones: same fill, same (zero) gradient, out of the mean
+            output.valid = output.valid & (output.overlap_fraction >= min_overlap)
+            fill = torch.full_like(output.pair_scores, math.nan if empty == "nan" else 0.0)
+            output.pair_scores = torch.where(output.valid, output.pair_scores, fill)
+            output.score = functional.sample_scores(output.pair_scores, output.valid, empty)
+        return output
 
     def _check_images(self, images: torch.Tensor, needs_networks: bool) -> None:
         if not isinstance(images, torch.Tensor):
