@@ -147,7 +147,8 @@ def test_unreadable_scene_is_reported_and_skipped(tmp_path, weights):
     _write_scene(tmp_path / "scenes" / "c_mixed", 2)
     Image.new("RGB", (96, 64)).save(tmp_path / "scenes" / "c_mixed" / "view_1.png")
     out = tmp_path / "report.json"
-    assert cli.main(_args(weights, str(tmp_path / "scenes"), "--out", str(out), "--size", "0")) == 0
+    # every scene is attempted (complete); exit status 3 says some failed (it was 0 before per-scene failures counted)
+    assert cli.main(_args(weights, str(tmp_path / "scenes"), "--out", str(out), "--size", "0")) == cli.EXIT_FAILED_SCENES
     report = json.loads(out.read_text())
     assert report["complete"] and report["num_errors"] == 2 and report["num_scenes"] == 3
     errors = {Path(s["scene"]).name: s.get("error") for s in report["scenes"]}
