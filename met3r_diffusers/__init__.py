@@ -35,9 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .render import RenderOutput, render_points
 
 
+from . import logging  # noqa: E402  (verbosity helpers; applies MET3R_DIFFUSERS_VERBOSITY)
+
+
 def __getattr__(name: str) -> Any:
-    if name == "logging":  # `from met3r_diffusers import logging`: the verbosity helpers
-        return importlib.import_module(".logging", __name__)
     if name in _EXPORTS:
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         return getattr(module, name)

@@ -50,7 +50,15 @@ from diffusers.callbacks import PipelineCallback
 from typing_extensions import Self
 
 from . import functional
-from .diffusion import DecodeFn, ViewLayout, decode_views, is_sigma_space, predict_x0, sample_coefficients
+from .diffusion import (
+    DecodeFn,
+    ViewLayout,
+    decode_views,
+    is_sigma_space,
+    predict_x0,
+    sample_coefficients,
+    vae_latent_channels,
+)
 from .loss import MEt3RLoss, call_metric, guidance_direction, guidance_objective
 from .pairs import PairSpec, resolve_pairs
 from .validation import check_finite, check_positive_int
@@ -68,13 +76,18 @@ class SchedulerTap:
     _taps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, scheduler: Any):
-        self.scheduler = scheduler
-        self.records: dict[int, tuple[torch.Tensor, Any] | None] = {}  # id(subscriber) -> latest record
+        # weak references both ways: a tap keeps neither its scheduler nor its subscribers alive
+        self._scheduler = weakref.ref(scheduler)
+        self.records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # subscriber -> latest record
         self._previous = scheduler.__dict__.get("step")  # a foreign instance-level wrapper, kept and restored
-        self._original = scheduler.step
         # bind against the class's own method: another wrapper's (*args, **kwargs) would hide the names
         self._signature = inspect.signature(type(scheduler).step.__get__(scheduler))
         self._supports_return_dict = "return_dict" in self._signature.parameters
+
+    @property
+    def scheduler(self) -> Any:
+        """The tapped scheduler (None once it has been garbage-collected)."""
+        return self._scheduler()
 
     @classmethod
     def of(cls, scheduler: Any) -> SchedulerTap:
@@ -88,23 +101,27 @@ class SchedulerTap:
 
     def subscribe(self, subscriber: object) -> None:
         """Start recording for `subscriber` (its record starts empty)."""
-        self.records[id(subscriber)] = None
+        self.records[subscriber] = None
 
     def unsubscribe(self, subscriber: object) -> None:
-        """Stop recording for `subscriber`; the last one out removes the wrapper."""
-        self.records.pop(id(subscriber), None)
-        if not self.records and self._taps.get(self.scheduler) is self:
-            del self._taps[self.scheduler]
-            if self._previous is None:
-                self.scheduler.__dict__.pop("step", None)
-            else:
-                self.scheduler.step = self._previous
+        """Stop recording for `subscriber`; the last one out removes the wrapper (unless another was put over it)."""
+        self.records.pop(subscriber, None)
+        scheduler = self.scheduler
+        if self.records or scheduler is None or self._taps.get(scheduler) is not self:
+            return
+        del self._taps[scheduler]
+        if scheduler.__dict__.get("step") != self.step:
+            return  # someone wrapped the step after us: leave their wrapper (it reaches ours, now a pass-through)
+        if self._previous is None:
+            scheduler.__dict__.pop("step", None)
+        else:
+            scheduler.step = self._previous
 
     def pop(self, subscriber: object) -> tuple[torch.Tensor, Any] | None:
         """`subscriber`'s latest (x0, timestep) record, cleared so that it is used once."""
-        record = self.records.get(id(subscriber))
-        if id(subscriber) in self.records:
-            self.records[id(subscriber)] = None
+        record = self.records.get(subscriber)
+        if subscriber in self.records:
+            self.records[subscriber] = None
         return record
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
@@ -113,7 +130,9 @@ class SchedulerTap:
         return_dict = bound.arguments.get("return_dict", True)
         if self._supports_return_dict:
             bound.arguments["return_dict"] = True
-        output = self._original(*bound.args, **bound.kwargs)
+        scheduler = self.scheduler
+        original = self._previous if self._previous is not None else type(scheduler).step.__get__(scheduler)
+        output = original(*bound.args, **bound.kwargs)
         timestep = bound.arguments["timestep"]
         x0 = None
         if not isinstance(output, tuple):
@@ -121,7 +140,7 @@ class SchedulerTap:
             if x0 is None:
                 x0 = getattr(output, "denoised", None)
         if x0 is None:
-            x0 = predict_x0(bound.arguments["model_output"], bound.arguments["sample"], timestep, self.scheduler)
+            x0 = predict_x0(bound.arguments["model_output"], bound.arguments["sample"], timestep, scheduler)
         record = (x0.detach(), timestep)
         for key in self.records:
             self.records[key] = record
@@ -290,7 +309,7 @@ class MEt3RCallback(PipelineCallback):
                 self.history.append(_history_entry(step_index, timestep, output, pairs))
             return callback_kwargs
         finally:
-            if is_final:
+            if is_final and self._attach_depth == 0:  # auto-attached: done; attached: until its block ends
                 self._unsubscribe()
 
     @staticmethod
@@ -299,8 +318,9 @@ class MEt3RCallback(PipelineCallback):
 
     def _views(self, pipeline, x0: torch.Tensor) -> torch.Tensor:
         """x0 (pipeline layout) -> views (B, V, 3, H, W), through the one latents -> views path."""
-        decoder = self.decode_fn if self.decode_fn is not None else pipeline.vae
-        return decode_views(decoder, x0, self.layout, size=self.decode_size)
+        vae = getattr(pipeline, "vae", None)
+        decoder = self.decode_fn if self.decode_fn is not None else vae
+        return decode_views(decoder, x0, self.layout, size=self.decode_size, latent_channels=vae_latent_channels(vae))
 
     def _score_and_direction(self, pipeline, x0: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """The views, the metric's output and the per-sample step direction d(objective)/d(x0)."""

@@ -30,6 +30,7 @@ are rejected.
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = [
     "LAYOUT_KINDS", "PREDICTION_TYPES", "ViewLayout", "decode_latents", "decode_views", "is_flow_matching",
-    "is_sigma_space", "latent_channels", "predict_x0", "sample_coefficients", "vae_scale_factor",
+    "is_sigma_space", "predict_x0", "sample_coefficients", "vae_latent_channels", "vae_scale_factor",
 ]
 
 
@@ -316,7 +317,7 @@ class ViewLayout:
 # ---------------------------------------------------------------------- latents -> views
 
 
-def latent_channels(vae: Any) -> int | None:
+def vae_latent_channels(vae: Any) -> int | None:
     """The latent channel count in a diffusers VAE's config (None for a decode function or a config without it)."""
     config = getattr(vae, "config", None)
     return None if config is None else config.get("latent_channels")
@@ -326,11 +327,13 @@ def _view_size(size: int | Sequence[int] | None, layout: ViewLayout) -> tuple[in
     """Pixel size of the decoded *image* for a per-view `size` (a grid image holds rows x cols views)."""
     if size is None:
         return None
-    if isinstance(size, bool) or not isinstance(size, (int, Sequence)):
+    def is_size(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+    out = (size, size) if is_size(size) else tuple(size) if isinstance(size, Sequence) else ()
+    if len(out) != 2 or not all(is_size(s) for s in out):
         raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
-    out = (size, size) if isinstance(size, int) else tuple(size)
-    if len(out) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in out):
-        raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
+    out = (int(out[0]), int(out[1]))
     if layout.kind == "grid":
         rows, cols = layout.grid
         out = (out[0] * rows, out[1] * cols)
@@ -344,6 +347,7 @@ def decode_views(
     size: int | Sequence[int] | None = None,
     gradient_checkpointing: bool = False,
     *,
+    latent_channels: int | None = None,
     num_views: int | None = None,
 ) -> torch.Tensor:
     """Decode a pipeline's latents (or x0 estimates) into views (B, V, 3, H, W) in [-1, 1]: the one latents -> views path.
@@ -356,8 +360,10 @@ def decode_views(
         layout: a `ViewLayout`, its string form ("batch", "frames:bcfhw", "grid:3x2", ...) or an int V
             (batch layout with V views per sample).
         size: pixel size (int or (H, W)) of each *view*; a VAE decodes downscaled latents (bounding its cost),
-            a decode function's output is resized.
+            a decode function decodes at its own size and its output is resized.
         gradient_checkpointing: recompute the decoder in the backward pass instead of storing its activations.
+        latent_channels: the latents' channel count, which tells the frame axis of "frames" latents apart; read
+            from a VAE's config, so pass it with a decode function (e.g. the pipeline VAE's).
         num_views: deprecated (the 0.1 keyword of `loss.decode_views`): views per sample of the layout.
     """
     if num_views is not None:
@@ -367,7 +373,8 @@ def decode_views(
         layout = ViewLayout("batch", layout)
     layout = ViewLayout.parse(layout, num_views)
     image_size = _view_size(size, layout)
-    to_decode, batch_size = layout.to_decode(latents, latent_channels(decoder))
+    channels = latent_channels if latent_channels is not None else vae_latent_channels(decoder)
+    to_decode, batch_size = layout.to_decode(latents, channels)
     num_frames = to_decode.shape[0] // batch_size if layout.kind == "frames" else None
 
     def decode(z: torch.Tensor) -> torch.Tensor:

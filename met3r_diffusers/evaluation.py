@@ -61,6 +61,7 @@ class MEt3RMetric(Metric):
             raise TypeError(f"metric must be callable, got {type(metric).__name__}")
         self.metric = metric
         self.pairs = pairs
+        self.last_output: Any = None  # the latest batch's metric output
         distance = getattr(metric, "distance_fn", None)
         if distance is not None and distance.higher_is_better:  # psnr / ssim
             self.higher_is_better = True
@@ -75,6 +76,7 @@ class MEt3RMetric(Metric):
         pair_scores = output.pair_scores.detach().float().reshape(images.shape[0], -1)
         if self.pair_scores and pair_scores.shape[1] != self.pair_scores[0].shape[1]:
             raise ValueError("every batch must score the same number of pairs (same V and pairs)")
+        self.last_output = output
         self.scores.append(output.score.detach().float().reshape(-1))
         self.pair_scores.append(pair_scores)
         self.overlap_fractions.append(output.overlap_fraction.detach().float().reshape(images.shape[0], -1))
@@ -103,6 +105,13 @@ class MEt3REvaluator(MEt3RMetric):
     def __init__(self, metric: Callable[..., Any], pairs: PairSpec = None, **kwargs: Any):
         warnings.warn("MEt3REvaluator is deprecated: use MEt3RMetric", FutureWarning, stacklevel=2)
         super().__init__(metric, pairs=pairs, **kwargs)
+        wrapped = self.update  # torchmetrics' wrapper drops the return value; 0.1's update returned the output
+
+        def update(images: torch.Tensor, **update_kwargs: Any) -> Any:
+            wrapped(images, **update_kwargs)
+            return self.last_output
+
+        self.update = update
 
 
 class MEt3REvalHook:

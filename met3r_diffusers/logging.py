@@ -28,6 +28,9 @@ def _library_logger() -> logging.Logger:
     return logger
 
 
+_library_logger()  # MET3R_DIFFUSERS_VERBOSITY applies from the first import of the package
+
+
 def get_logger(name: str | None = None) -> logging.Logger:
     """The logger `name` (a module's `__name__`), or the library's root logger."""
     _library_logger()

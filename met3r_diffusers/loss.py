@@ -48,22 +48,39 @@ def _accepts(metric: Callable[..., Any], argument: str) -> bool:
 
 
 def call_metric(metric: Callable[..., Any], views: torch.Tensor, pairs: PairSpec, **kwargs: Any) -> Any:
-    """Run `metric(views, pairs=pairs, **kwargs)` with the views cast to the metric's dtype (a bf16 metric takes
-    float32 decoder outputs); keyword arguments the metric does not take (`empty`) are dropped."""
+    """Run `metric(views, pairs=pairs, **kwargs)` whatever the views' dtype.
+
+    A metric with lower-precision weights (bf16 / fp16) than the views runs under autocast to its dtype, so float32
+    decoder outputs keep their precision where the metric compares RGB; views of lower precision than the metric
+    are cast up. `empty=` is dropped for a metric that does not take it; other keywords pass unchanged.
+    """
     dtype = getattr(metric, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and views.dtype != dtype:
-        views = views.to(dtype)
-    kwargs = {key: value for key, value in kwargs.items() if _accepts(metric, key)}
-    return metric(views, pairs=pairs, **kwargs)
+    if "empty" in kwargs and not _accepts(metric, "empty"):
+        kwargs.pop("empty")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) or views.dtype == dtype:
+        return metric(views, pairs=pairs, **kwargs)
+    if dtype.itemsize < views.dtype.itemsize:
+        with torch.autocast(views.device.type, dtype=dtype):
+            return metric(views, pairs=pairs, **kwargs)
+    return metric(views.to(dtype), pairs=pairs, **kwargs)
 
 
 def _scores_and_valid(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair scores (B, P) and validity from a metric output; a metric without `valid` marks NaN pairs invalid."""
+    """Per-pair scores (B, P) and validity from a metric output.
+
+    A metric without `valid` must not report non-finite scores: its NaN (a 0/0 for an empty overlap) would send a
+    NaN gradient backwards through any masking, so it is refused rather than silently poisoning the training.
+    """
     scores = output.pair_scores if hasattr(output, "pair_scores") else output.score
     scores = scores.reshape(scores.shape[0], -1)
     valid = getattr(output, "valid", None)
     if valid is None:
-        valid = torch.isfinite(scores)
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(
+                "the metric returned non-finite pair scores and no `valid` flags: use a metric that takes "
+                "empty='zero' and returns `valid` (MEt3R does), so pairs without overlap contribute no NaN gradient"
+            )
+        valid = torch.ones_like(scores, dtype=torch.bool)
     valid = valid.reshape(scores.shape)
     return torch.where(valid, scores, torch.zeros_like(scores)), valid
 
@@ -73,10 +90,11 @@ def guidance_objective(metric: Callable[..., Any], views: torch.Tensor, pairs: P
 
     The objective is the mean over the pairs that overlap of the metric's NaN-free pair scores (`empty="zero"`):
     MEt3R's score when every pair overlaps, 0 with a zero gradient for a sample where none does. A metric without
-    per-pair output is differentiated through its `.score` (or the tensor it returns).
+    `valid` flags is differentiated through its `.score` (or the tensor it returns); `guidance_direction` then
+    leaves a sample whose gradient is not finite unguided.
     """
     output = call_metric(metric, views, pairs, empty="zero")
-    if not hasattr(output, "pair_scores"):
+    if getattr(output, "valid", None) is None:  # no per-pair validity: differentiate its own score
         scores = output.score if hasattr(output, "score") else output
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"metric must return an object with .score or a tensor, got {type(output).__name__}")
@@ -114,12 +132,11 @@ def masked_pair_scores(
         FutureWarning, stacklevel=2,
     )
     n = score_map.shape[0]
-    score_map = score_map.reshape(n * num_pairs, *score_map.shape[-2:])
-    mask = overlap_mask.reshape(n * num_pairs, *overlap_mask.shape[-2:]).to(score_map.dtype)
-    from .distances import get_distance
-
-    scores, valid = functional.pair_scores(score_map, mask, get_distance("cosine"), empty="zero")
-    return scores.reshape(n, num_pairs), valid.reshape(n, num_pairs)
+    score_map = score_map.reshape(n, num_pairs, -1)
+    mask = overlap_mask.reshape(n, num_pairs, -1).to(score_map.dtype)
+    covered = mask.sum(-1)
+    masked = torch.where(mask > 0, score_map, torch.zeros_like(score_map))
+    return (masked * mask).sum(-1) / covered.clamp_min(1), covered > 0
 
 
 class MEt3RLoss(nn.Module):
@@ -215,14 +232,15 @@ class MEt3RLoss(nn.Module):
                 )
             keep = (timesteps <= self.max_timestep).expand(batch)
 
-        # a zero that is still part of the graph, so that backward() works when nothing contributes
-        zero = views.sum() * 0.0
+        # a zero that is still part of the graph, so that backward() works when nothing contributes (at least
+        # float32: a bf16 batch of views still gets a float32 loss)
+        zero = (views.sum() * 0.0).to(torch.promote_types(views.dtype, torch.float32))
         per_sample = zero.expand(batch).clone()
         total, count = zero, 0
         if bool(keep.any()):
             pairs = self.select_pairs(views.shape[1])
             scores, valid = self.pair_losses(views[keep], pairs)
-            total = total + scores.sum().to(total.dtype)
+            total = total + scores.sum()
             count = int(valid.sum())
             per_sample[keep] = functional.sample_scores(scores, valid, empty="zero").to(per_sample.dtype)
             self.last_contributing_fraction = count / valid.numel()

@@ -570,3 +570,11 @@ def _check_geometry(
     if points.device != images.device or conf.device != images.device:
         raise ValueError(f"geometry must be on the device of the images ({images.device})")
     return points.detach().float(), conf.detach().float()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MEt3REvaluator":  # 0.1 defined it here
+        from .evaluation import MEt3REvaluator
+
+        return MEt3REvaluator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -479,3 +479,43 @@ def test_bf16_metric_scores_float32_decoded_views(sd_pipe):
     with callback.attach(sd_pipe):
         latents = _run(sd_pipe, callback, steps=2, views=2)
     assert torch.isfinite(latents).all() and torch.isfinite(callback.history[-1]["scores"]).all()
+
+
+def test_attached_callback_scores_step_zero_of_every_run_in_its_block(sd_pipe):
+    callback = MEt3RCallback(FeatureConsistency(), num_views=2, every_n_steps=100)
+    with callback.attach(sd_pipe):
+        _run(sd_pipe, callback, steps=3, views=2)
+        _run(sd_pipe, callback, steps=3, views=2)
+    assert [entry["step"] for entry in callback.history] == [0, 2, 0, 2]
+    assert "step" not in sd_pipe.scheduler.__dict__
+
+
+def test_tap_leaves_a_wrapper_put_over_it(sd_pipe):
+    callback = MEt3RCallback(FeatureConsistency(), num_views=2)
+    callback.attach(sd_pipe)
+    ours = sd_pipe.scheduler.step
+    calls = []
+
+    def theirs(*args, **kwargs):
+        calls.append(1)
+        return ours(*args, **kwargs)
+
+    sd_pipe.scheduler.step = theirs
+    callback.close()
+    assert sd_pipe.scheduler.step is theirs  # not clobbered
+    _run(sd_pipe, steps=2, views=2)
+    assert len(calls) == 2
+
+
+def test_frames_decode_fn_gets_the_vae_channel_axis():
+    from met3r_diffusers.diffusion import ViewLayout, decode_views
+
+    seen = []
+    latents = torch.randn(1, 4, 6, 8, 8)  # (B, C, F, h, w): 4 latent channels, 6 frames
+
+    def decode_fn(z):
+        seen.append(tuple(z.shape))
+        return torch.zeros(z.shape[0], 3, 16, 16)
+
+    views = decode_views(decode_fn, latents, ViewLayout("frames", 2), latent_channels=4)
+    assert seen == [(2, 4, 8, 8)] and views.shape == (1, 2, 3, 16, 16)

@@ -132,3 +132,30 @@ def test_loss_warns_and_reports_when_nothing_overlaps(caplog):
     loss_fn = MEt3RLoss(FeatureConsistencyMetric(empty_pairs=[(0, 1)]))
     loss_fn(_views())
     assert loss_fn.last_contributing_fraction == 0.5
+
+
+def test_loss_refuses_nan_scores_without_valid_flags():
+    from types import SimpleNamespace
+
+    def nan_metric(views, pairs=None):
+        return SimpleNamespace(score=torch.full((views.shape[0],), math.nan),
+                               pair_scores=torch.full((views.shape[0], 2), math.nan))
+
+    with pytest.raises(ValueError, match="valid"):
+        MEt3RLoss(nan_metric)(_views())
+
+
+def test_bf16_views_give_a_float32_loss():
+    loss = MEt3RLoss(FeatureConsistencyMetric().to(torch.bfloat16))(_views().to(torch.bfloat16))
+    assert loss.dtype == torch.float32
+
+
+def test_bf16_metric_with_an_rgb_distance_keeps_float32_pixels():
+    from met3r_diffusers.loss import call_metric
+
+    metric = MEt3R(img_size=None, backbone=PlaneGeometry(), distance="psnr")
+    views = _views(batch=1)
+    reference = metric(views).score
+    metric.dtype_probe = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16), requires_grad=False)
+    assert metric.dtype == torch.bfloat16
+    torch.testing.assert_close(call_metric(metric, views, None).score, reference)  # autocast, not a bf16 cast
