@@ -59,6 +59,7 @@ from met3r_diffusers.diffusion import (
 )
 from met3r_diffusers.loss import guidance_direction, guidance_objective
 from met3r_diffusers.pairs import resolve_pairs
+from met3r_diffusers.validation import check_finite, check_positive_int
 
 
 @dataclass
@@ -202,16 +203,18 @@ class MEt3RGuidedMultiViewPipeline(DiffusionPipeline):
             gradient_checkpointing: recompute UNet / VAE activations in the backward pass (saves memory).
             unet_kwargs: extra keyword arguments for the UNet (camera embeddings of multi-view UNets, ...).
         """
-        if num_views < 2:
+        if check_positive_int("num_views", num_views) < 2:
             raise ValueError(f"num_views must be at least 2, got {num_views}")
-        if met3r_guidance_scale < 0:
-            raise ValueError(f"met3r_guidance_scale must be >= 0, got {met3r_guidance_scale}")
+        met3r_guidance_scale = check_finite("met3r_guidance_scale", met3r_guidance_scale, minimum=0)
+        met3r_max_grad_norm = check_finite("met3r_max_grad_norm", met3r_max_grad_norm, positive=True, optional=True)
+        check_finite("guidance_scale", guidance_scale)
         if met3r_guidance_scale > 0 and metric is None:
             raise ValueError("met3r_guidance_scale > 0 needs a metric")
-        if not 0.0 <= met3r_guidance_start <= met3r_guidance_stop <= 1.0:
+        window = (check_finite("met3r_guidance_start", met3r_guidance_start),
+                  check_finite("met3r_guidance_stop", met3r_guidance_stop))
+        if not 0.0 <= window[0] <= window[1] <= 1.0:
             raise ValueError("met3r_guidance_start/stop must satisfy 0 <= start <= stop <= 1")
-        if met3r_every_n_steps < 1:
-            raise ValueError(f"met3r_every_n_steps must be >= 1, got {met3r_every_n_steps}")
+        check_positive_int("met3r_every_n_steps", met3r_every_n_steps)
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of prompt and prompt_embeds")
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]

@@ -142,6 +142,11 @@ def test_step_end_callback_inside_the_pipeline(tmp_path):
         ({"met3r_every_n_steps": 0}, "met3r_every_n_steps"),
         ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, "callback_on_step_end_tensor_inputs"),
         ({"prompt_embeds": torch.zeros(3, 16, 16)}, "prompt"),
+        ({"met3r_guidance_scale": float("nan")}, "met3r_guidance_scale"),
+        ({"met3r_guidance_scale": float("inf")}, "met3r_guidance_scale"),
+        ({"met3r_max_grad_norm": float("nan")}, "met3r_max_grad_norm"),
+        ({"met3r_guidance_start": float("nan")}, "met3r_guidance_start"),
+        ({"met3r_every_n_steps": 1.5}, "met3r_every_n_steps"),
     ],
 )
 def test_argument_errors(tmp_path, kwargs, match):
