@@ -22,18 +22,19 @@ import argparse
 import collections
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import math
 import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from met3r_diffusers.data import MultiViewFolderDataset, collate_multiview
@@ -41,11 +42,23 @@ from met3r_diffusers.diffusion import ViewLayout, decode_views, predict_x0
 from met3r_diffusers.evaluation import MEt3REvalHook
 from met3r_diffusers.loss import MEt3RLoss
 from met3r_diffusers.testing import tiny_training_components
+from met3r_diffusers.training_utils import (
+    epoch_dataloader,
+    find_checkpoint,
+    load_checkpoint,
+    preserved_rng_state,
+    resume_position,
+    save_checkpoint,
+)
+from met3r_diffusers.validation import check_finite
 
 logger = get_logger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TINY_VAE_SCALE_FACTOR = 4  # tiny_training_components' VAE down-samples 4x
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -122,27 +135,93 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Fail fast, before any model is loaded, on configuration errors."""
-    if args.met3r_weight < 0:
-        raise ValueError(f"--met3r_weight (λ) must be >= 0, got {args.met3r_weight}")
+    """Fail fast, before any model is loaded, on configuration errors (a ValueError naming the option)."""
+    check_finite("--met3r_weight (λ)", args.met3r_weight, minimum=0)
+    check_finite("--learning_rate", args.learning_rate, minimum=0)
+    check_finite("--adam_weight_decay", args.adam_weight_decay, minimum=0)
+    check_finite("--adam_epsilon", args.adam_epsilon, minimum=0)
+    check_finite("--max_grad_norm", args.max_grad_norm, minimum=0)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= check_finite(f"--{name}", getattr(args, name)) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if not os.path.isdir(args.train_data_dir):
         raise ValueError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a folder")
     if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"--prediction_type must be one of {PREDICTION_TYPES}, got {args.prediction_type!r}")
     if (args.pretrained_model_name_or_path is None) == (not args.tiny_test_model):
         raise ValueError("pass exactly one of --pretrained_model_name_or_path and --tiny_test_model")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {args.lr_scheduler!r}")
     for name in ("max_train_steps", "gradient_accumulation_steps", "train_batch_size", "checkpointing_steps",
                  "validation_inference_steps", "validation_batch_size", "lora_rank"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.met3r_max_timestep is not None and args.met3r_max_timestep < 0:
-        raise ValueError(f"--met3r_max_timestep must be >= 0, got {args.met3r_max_timestep}")
-    if ":" not in args.met3r_factory:
-        raise ValueError(f"--met3r_factory must look like 'module:callable', got {args.met3r_factory!r}")
+    for name in ("seed", "lr_warmup_steps", "dataloader_num_workers", "validation_steps", "num_validation_samples",
+                 "met3r_max_timestep"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("num_views", "resolution", "met3r_resolution", "met3r_num_pairs", "met3r_chunk_size",
+                 "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_views is not None and args.num_views < 2:
+        raise ValueError(f"--num_views must be >= 2 (MEt3R scores pairs of views), got {args.num_views}")
+    factory = resolve_factory(args.met3r_factory)
     try:
         args.met3r_kwargs = json.loads(args.met3r_kwargs) if isinstance(args.met3r_kwargs, str) else args.met3r_kwargs
     except json.JSONDecodeError as error:
         raise ValueError(f"--met3r_kwargs is not valid JSON: {error}") from None
+    if not isinstance(args.met3r_kwargs, dict):
+        raise ValueError(f"--met3r_kwargs must be a JSON object of keyword arguments, got {args.met3r_kwargs!r}")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no introspectable signature: the call itself will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**args.met3r_kwargs)
+        except TypeError as error:
+            raise ValueError(f"--met3r_kwargs do not fit --met3r_factory {args.met3r_factory!r}: {error}") from None
+
+
+def resolve_factory(factory: str) -> Callable:
+    """The callable named by 'module:callable' or 'path/to/file.py:callable' (ValueError naming --met3r_factory)."""
+    module_name, _, attribute = factory.rpartition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--met3r_factory must look like 'module:callable', got {factory!r}")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise FileNotFoundError(f"no such file {module_name!r}")
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError) as error:
+        raise ValueError(f"--met3r_factory {factory!r}: cannot load {module_name!r} ({error})") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"--met3r_factory {factory!r}: {module_name!r} has no callable {attribute!r}")
+    return function
+
+
+def _check_resolution(args: argparse.Namespace, image_size: tuple[int, int]) -> None:
+    """Training and regulariser sizes must be multiples of the VAE's down-sampling (read from its config only)."""
+    if args.tiny_test_model:
+        factor = TINY_VAE_SCALE_FACTOR
+    else:
+        from diffusers import AutoencoderKL
+
+        config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if any(size % factor for size in image_size):
+        origin = "--resolution" if args.resolution is not None else "the images' size (set --resolution)"
+        raise ValueError(f"{origin}: {image_size[0]}x{image_size[1]} is not a multiple of the VAE's down-sampling "
+                         f"factor {factor}")
+    if args.met3r_resolution is not None and args.met3r_resolution % factor:
+        raise ValueError(f"--met3r_resolution {args.met3r_resolution} is not a multiple of the VAE's down-sampling "
+                         f"factor {factor}")
 
 
 # ----------------------------------------------------------------------------- components
@@ -173,14 +252,7 @@ def _pretrained_components(args: argparse.Namespace) -> dict:
 
 def load_metric(factory: str, kwargs: dict):
     """Build the metric from 'module:callable' or 'path/to/file.py:callable'."""
-    module_name, _, attribute = factory.rpartition(":")
-    if module_name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    return getattr(module, attribute)(**kwargs)
+    return resolve_factory(factory)(**kwargs)
 
 
 def _text_embeddings(prompts: list[str], tokenizer, text_encoder, unet, device) -> torch.Tensor:
@@ -199,11 +271,6 @@ def _view_labels(unet, batch: int, num_views: int, device) -> torch.Tensor | Non
     return torch.arange(num_views, device=device).repeat(batch)
 
 
-def _checkpoint_folders(output_dir: str) -> list[str]:
-    folders = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")] if os.path.isdir(output_dir) else []
-    return sorted(folders, key=lambda d: int(d.split("-")[1]))
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -220,9 +287,13 @@ def main(args: argparse.Namespace) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("--mixed_precision fp16 needs a GPU (CPU autocast mixes float16 and float32 operands); "
+                         "use bf16 or no on the CPU")
+    _check_resolution(args, (height, width))
+    resume_path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -257,18 +328,22 @@ def main(args: argparse.Namespace) -> dict:
 
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   collate_fn=collate_multiview,
-                                                   num_workers=args.dataloader_num_workers, drop_last=True)
-    if len(train_dataloader) == 0:
-        raise ValueError(f"--train_batch_size {args.train_batch_size} exceeds the {len(dataset)} scenes")
+
+    def train_dataloader(epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
+        """The epoch's batches in a (seed, epoch)-determined order, sharded over the processes (training_utils)."""
+        return epoch_dataloader(accelerator, dataset, args.train_batch_size, args.seed, epoch, skip_batches,
+                                collate_fn=collate_multiview, num_workers=args.dataloader_num_workers)
+
+    num_batches_per_epoch = len(train_dataloader(0))
+    if num_batches_per_epoch == 0:
+        raise ValueError(f"--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes exceeds "
+                         f"the {len(dataset)} scenes")
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                          lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_update_steps_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -306,26 +381,22 @@ def main(args: argparse.Namespace) -> dict:
     validation_log = os.path.join(args.output_dir, "met3r_validation.jsonl")
 
     def validate(step: int, force: bool = False) -> None:
-        results = hook.evaluate(step) if force else hook(step)
+        with preserved_rng_state():  # validation never changes the training's random numbers
+            results = hook.evaluate(step) if force else hook(step)
         if results is not None and accelerator.is_main_process:
             logger.info(f"step {step}: MEt3R {results['score']:.5f} {results['pair_scores']}")
             with open(validation_log, "a") as f:
                 f.write(json.dumps({k: v for k, v in results.items() if not torch.is_tensor(v)}) + "\n")
 
     global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        checkpoints = _checkpoint_folders(args.output_dir)
-        name = checkpoints[-1] if args.resume_from_checkpoint == "latest" and checkpoints else None
-        if args.resume_from_checkpoint != "latest":
-            name = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
-        if name is None or not os.path.isdir(os.path.join(args.output_dir, name)):
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint in "
-                             f"{args.output_dir!r} (found {checkpoints})")
-        accelerator.print(f"Resuming from {name}")
-        accelerator.load_state(os.path.join(args.output_dir, name))
-        global_step = int(name.split("-")[1])
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    recent_losses = collections.deque(maxlen=50)
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        state = load_checkpoint(accelerator, resume_path)
+        global_step = state["global_step"]
+        recent_losses.extend(state["extra"].get("recent_losses", []))
+        first_epoch, resume_batches = resume_position(global_step, num_update_steps_per_epoch,
+                                                      args.gradient_accumulation_steps)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{len(dataset)} scenes x {num_views} views of {height}x{width}; {args.max_train_steps} steps of "
@@ -335,14 +406,9 @@ def main(args: argparse.Namespace) -> dict:
                     disable=not accelerator.is_local_main_process)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     scaling_factor = vae.config.scaling_factor
-    recent_losses = collections.deque(maxlen=50)
     unet.train()
     for epoch in range(first_epoch, num_train_epochs):
-        train_dataloader.set_epoch(epoch)
-        loader = train_dataloader
-        if epoch == first_epoch and resume_batches:
-            loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        for batch in loader:
+        for batch in train_dataloader(epoch, resume_batches if epoch == first_epoch else 0):
             with accelerator.accumulate(unet):
                 pixel_values = batch["pixel_values"].to(weight_dtype)  # (B, V, 3, H, W)
                 batch_size = pixel_values.shape[0]
@@ -394,7 +460,8 @@ def main(args: argparse.Namespace) -> dict:
                 progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0:
-                    _save_checkpoint(accelerator, args, global_step)
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                                    extra={"recent_losses": list(recent_losses)})
                 if hook is not None:
                     validate(global_step)
                 if global_step >= args.max_train_steps:
@@ -414,18 +481,6 @@ def main(args: argparse.Namespace) -> dict:
         "validation": hook.history if hook else [],
         "output_dir": args.output_dir,
     }
-
-
-def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int) -> None:
-    """accelerator.save_state into output_dir/checkpoint-<step>, keeping at most checkpoints_total_limit."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = _checkpoint_folders(args.output_dir)
-        for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, name))
-    accelerator.wait_for_everyone()
-    path = os.path.join(args.output_dir, f"checkpoint-{step}")
-    accelerator.save_state(path)
-    logger.info(f"saved state to {path}")
 
 
 def _save_weights(unet, args: argparse.Namespace) -> None:
