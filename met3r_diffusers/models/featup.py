@@ -288,6 +288,43 @@ def _adaptive_conv(padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
+def _pointwise_mlp(layers: nn.Sequential, x: torch.Tensor, first_done: bool = False) -> torch.Tensor:
+    """FeatUp's (1x1 conv, GELU, Dropout2d, 1x1 conv) on channels-last maps (B, H, W, C).
+
+    With `first_done`, `x` is already the first convolution's output. Dropout2d (training only)
+    drops whole channels, as on the (B, C, H, W) map.
+    """
+    first, activation, dropout, second = layers
+    if not first_done:
+        x = F.linear(x, first.weight.flatten(1), first.bias)
+    x = dropout(activation(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return F.linear(x, second.weight.flatten(1), second.bias)
+
+
+def _window_logits(keys: torch.Tensor, radius: int) -> torch.Tensor:
+    """<keys[b,y,x], keys[b,y',x']> over the reflected window of every pixel: (B, H, W, taps).
+
+    Eager: the sparse sampled product of `_WindowDot`. Inside a compiled graph: a dense sum over
+    the shifted reflect-padded map, which the compiler fuses into one pass (no taps x channels
+    x pixels tensor either way).
+    """
+    if not torch.compiler.is_compiling():
+        return _WindowDot.apply(keys, radius)
+    height, width, size = keys.shape[1], keys.shape[2], 2 * radius + 1
+    padded = _channels_last(F.pad(keys.permute(0, 3, 1, 2), [radius] * 4, mode="reflect"))
+    return torch.stack([(keys * padded[:, i:i + height, j:j + width]).sum(-1)
+                        for i in range(size) for j in range(size)], dim=-1)
+
+
+@torch.compiler.disable
+def _resized_adaptive_conv(source: torch.Tensor, kernel: torch.Tensor, radius: int) -> torch.Tensor:
+    """`_AdaptiveConv` with FeatUp's bicubic pre-upsampling: (B, C, h, w) x (B, H, W, taps) -> (B, H, W, C).
+
+    Always eager: its sparse products beat the compiled dense form (measured in docs/features.md).
+    """
+    return _AdaptiveConv.apply(source, kernel, radius, True)
+
+
 class JBUStage(nn.Module):
     """One x2 joint-bilateral upsampling stage with a learned range kernel (FeatUp's `JBULearnedRange`).
 
@@ -316,25 +353,35 @@ class JBUStage(nn.Module):
         return torch.exp(-squared_distance / (2 * self.sigma_spatial**2)).reshape(-1)
 
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
-        """Per-pixel kernels (B, H, W, taps) from the guidance pooled to the output size (B, 3, H, W)."""
-        guidance = guidance.contiguous(memory_format=torch.channels_last)
-        keys = self.range_proj(guidance)  # (B, key_dim, H, W)
-        logits = _WindowDot.apply(_channels_last(keys), self.radius)
+        """Per-pixel kernels (B, H, W, taps) from the guidance pooled to the output size (B, 3, H, W).
+
+        The 1x1 convolutions run as matrix products over channels-last pixels (mkldnn is slow with
+        3 to 52 channels), and the fixup's first layer is split into its kernel and guidance
+        columns, so the concatenated (taps + 3)-channel map is never built.
+        """
+        guidance = _channels_last(guidance).contiguous()  # strided operands make MKL's rounding vary
+        keys = _pointwise_mlp(self.range_proj, guidance)  # (B, H, W, key_dim), contiguous
+        logits = _window_logits(keys, self.radius)
         temperature = self.range_temp.exp().clamp(1e-4, 1e4)
         kernel = torch.softmax(temperature * logits, dim=-1) * self.spatial_kernel()
         kernel = kernel / kernel.sum(-1, keepdim=True).clamp_min(1e-7)
-        fixup = self.fixup_proj(torch.cat([kernel.permute(0, 3, 1, 2), guidance], dim=1))
-        return kernel + 0.1 * _channels_last(fixup)
+        taps = kernel.shape[-1]
+        first = self.fixup_proj[0]
+        weight = first.weight.flatten(1)
+        # contiguous column blocks: MKL's results then do not depend on where the weight is stored
+        hidden = (F.linear(kernel, weight[:, :taps].contiguous(), first.bias)
+                  + F.linear(guidance, weight[:, taps:].contiguous()))
+        return kernel + 0.1 * _pointwise_mlp(self.fixup_proj, hidden, first_done=True)
 
     def forward(self, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) features, (B, 3, H, W) pooled guidance -> (B, C, H, W) features (channels-last memory)."""
-        if torch.is_grad_enabled():
-            # the kernel's intermediate maps are recomputed in backward rather than stored
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # the kernel's intermediate maps are recomputed in backward rather than stored (a compiled
+            # graph makes that choice itself)
             kernel = checkpoint(self.kernel, guidance, use_reentrant=False)
         else:
             kernel = self.kernel(guidance)
-        out = _AdaptiveConv.apply(source, kernel, self.radius, True)
-        return out.permute(0, 3, 1, 2)
+        return _resized_adaptive_conv(source, kernel, self.radius).permute(0, 3, 1, 2)
 
 
 class JBUStack(nn.Module):
@@ -349,13 +396,13 @@ class JBUStack(nn.Module):
         """(B, C, h, w) features, (B, 3, H, W) guidance image -> (B, C, 16h, 16w) features."""
         dropout, conv = self.fixup_proj
         weight, bias = conv.weight.flatten(1), conv.bias
+        if not self.training:
+            # The fixup x + 0.1 * conv1x1(x) = (I + 0.1 W) x + 0.1 b mixes channels only, and every
+            # stage mixes pixels only, linearly (its kernel depends on the guidance alone), so the
+            # matrix (I + 0.1 W) is applied first, at the lowest resolution (1/256 of the pixels).
+            identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            source = F.linear(_channels_last(source), identity + 0.1 * weight).permute(0, 3, 1, 2)
         for stage in (self.up1, self.up2, self.up3, self.up4):
-            if stage is self.up4 and not self.training:
-                # The fixup x + 0.1 * conv1x1(x) = (I + 0.1 W) x + 0.1 b mixes channels only, and a
-                # stage mixes pixels only (its kernel depends on the guidance alone), so the matrix
-                # (I + 0.1 W) is applied before the last stage, on a quarter of the pixels.
-                identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
-                source = F.linear(_channels_last(source), identity + 0.1 * weight).permute(0, 3, 1, 2)
             height, width = source.shape[-2:]
             source = stage(source, F.adaptive_avg_pool2d(guidance, (2 * height, 2 * width)))
         if not self.training:
