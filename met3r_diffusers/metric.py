@@ -34,6 +34,7 @@ from .backbones import feature_adapter, geometry_adapter
 from .distances import get_distance
 from .geometry import geometry_from_cameras
 from .hub import DEFAULT_REPO_IDS, download_weights
+from .models.compile import compile_units
 from .models.dino import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 from .pairs import PairSpec, resolve_pairs
 
@@ -104,6 +105,7 @@ class MEt3RConfig:
     chunk_size: int | None = 2
     cache_dir: str | None = None
     local_files_only: bool | None = None
+    compile: bool = False
 
 
 class MEt3R(nn.Module):
@@ -131,6 +133,9 @@ class MEt3R(nn.Module):
             rendering) per batch, bounding peak memory (the default keeps V=8 at 256x256 under 6 GB on CPU); None
             processes everything at once (faster on a large GPU).
         cache_dir, local_files_only: passed to the weight downloads.
+        compile: `torch.compile` the networks' repeated blocks (MASt3R/DUSt3R encoder and decoder blocks,
+            DINO blocks, FeatUp's JBU stages) in place, opt-in; each compiles on its first call (tens of
+            seconds on CPU, cached per shape and dtype). Stays eager, with a warning, where inductor cannot run.
 
     The seed's argument names `feat_backbone`, `featup_weights`, `dust3r_weights` and
     `use_mast3r_dust3r` are accepted as aliases.
@@ -157,6 +162,7 @@ class MEt3R(nn.Module):
         chunk_size: int | None = 2,
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
+        compile: bool = False,
         **seed_aliases: Any,
     ):
         super().__init__()
@@ -177,6 +183,8 @@ class MEt3R(nn.Module):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {compile!r}")
         settings = REFERENCES[reference]
         self.img_size = img_size
         self.symmetric = symmetric
@@ -205,8 +213,10 @@ class MEt3R(nn.Module):
             upsampler=upsampler, distance=distance, freeze=self.frozen, symmetric=symmetric, reference=reference,
             backbone_weights=backbone_weights, feature_backbone_weights=feature_backbone_weights, radius=self.radius,
             points_per_pixel=points_per_pixel, chunk_size=chunk_size, cache_dir=cache_dir,
-            local_files_only=local_files_only,
+            local_files_only=local_files_only, compile=compile,
         )
+        if compile:
+            compile_units(self)
 
     @property
     def distance(self) -> str:

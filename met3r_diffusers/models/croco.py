@@ -6,6 +6,8 @@ no absolute position table.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,6 +126,8 @@ class CrossAttention(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-norm ViT block: self-attention and MLP, each added residually."""
 
+    compile_unit: ClassVar[bool] = True  # compiled by `models.compile.compile_units`
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -139,6 +143,8 @@ class EncoderBlock(nn.Module):
 
 class DecoderBlock(nn.Module):
     """Pre-norm decoder block: self-attention, cross-attention to the other view, MLP."""
+
+    compile_unit: ClassVar[bool] = True
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_other: bool = True):
         super().__init__()

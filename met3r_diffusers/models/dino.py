@@ -11,6 +11,7 @@ on those sizes; here every multiple of 16 is computed, without any crop.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,8 @@ class _Mlp(nn.Module):
 
 class _Block(nn.Module):
     """Pre-norm transformer block."""
+
+    compile_unit: ClassVar[bool] = True  # compiled by `models.compile.compile_units`
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int, eps: float):
         super().__init__()

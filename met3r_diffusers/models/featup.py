@@ -20,7 +20,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import ClassVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -331,6 +331,8 @@ class JBUStage(nn.Module):
     Parameter names follow the official module (the Sequential indices 1 and 2 are GELU and
     Dropout2d), so checkpoints load unchanged.
     """
+
+    compile_unit: ClassVar[bool] = True  # the kernel construction; the adaptive convolution stays eager
 
     def __init__(self, guidance_dim: int = 3, key_dim: int = 32, radius: int = 3):
         super().__init__()
