@@ -1,24 +1,26 @@
-"""Seconds per pair and peak memory of the whole MEt3R metric on CPU, with a per-stage breakdown.
+"""Seconds per pair, FLOPs and peak memory of the whole MEt3R metric on CPU, per stage, eager and compiled.
 
 Full-size MASt3R + DINO/FeatUp with the deterministic stand-in weights of ../shared/parity (no
 download; MET3R_PARITY_DIR overrides the location). Usage:
 
     python benchmarks/bench_metric.py [--threads 2] [--repeats 2] [--size 256] [--views 2 8] [--bf16]
+                                      [--backward] [--no-compile]
 
 For each V it scores one sample of V random views (pairs "adjacent": V - 1 pairs) under
-`torch.inference_mode` and prints the median forward time per pair, the time of each stage
-(geometry: MASt3R encoder once per view + decoder/head once per pair; features: DINO + FeatUp once
-per view; render+score: splatting both clouds of every pair and the masked cosine), and the peak
-resident memory (VmHWM, reset before each setting; includes weights and the PyTorch runtime).
-`--bf16` runs under CPU bf16 autocast (the renderer and score always run in float32).
-It also counts the FLOPs of the geometry stage (MASt3R's linear layers, attention and
-convolutions) and measures the machine's float32 matmul rate at that moment: their ratio is a
-float32 time per pair that no implementation of the same network can beat on this machine.
+`torch.inference_mode` and prints, per stage and for the whole forward: the median time per
+sample, its FLOPs, the float32 and bf16 floors (FLOPs / the matmul rate probed in this process
+around the measurement; benchmarks/common.py) and the ratio to each. Stages: geometry (MASt3R
+encoder once per view + decoder/heads once per pair), features (DINO + FeatUp once per view; the
+JBU FLOPs counted by hand), render+score (the rest of the forward: splatting both clouds of every
+pair and the masked cosine; no matmul FLOPs). Then the per-pair time and the peak resident memory
+of the forward (VmHWM reset before it; weights and runtime included). `--bf16` stores the weights
+in bf16 and runs under CPU bf16 autocast, as the CLI's `--bf16` does (rendering and score stay
+float32). `--backward` adds forward+backward w.r.t. the images at V=2. Afterwards the same rows with
+`MEt3R(compile=True)`'s compilation (`compile_units`), and the compile time of the first call.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,106 +28,102 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dust3r import PARITY_DIR, matmul_rate, reset_peak, rss_gib, standin_model
+from bench_features import jbu_gflop
+from common import (
+    compile_in_place,
+    count_gflop,
+    cpu_model,
+    reset_peak,
+    rss_gib,
+    stage_line,
+    standin_featup,
+    standin_model,
+    timed,
+)
 
 from met3r_diffusers import MEt3R
-from met3r_diffusers.models import DinoFeatUp
 from met3r_diffusers.pairs import resolve_pairs
 
 
-def _standin_featup() -> DinoFeatUp:
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("_parity_weights", PARITY_DIR / "weights.py")
-    weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(weights)
-    manifest = json.loads((PARITY_DIR / "featup" / "dino16_jbu.manifest.json").read_text())
-    model = DinoFeatUp()
-    model.load_state_dict(weights.make_state_dict(manifest["tensors"], seed=0))
-    return model.eval()
+def _feature_gflop(metric: MEt3R, num_views: int, size: int) -> float:
+    """DINO (counted) + the JBU stack (by hand) for `num_views` views."""
+    images = torch.zeros(1, 3, size, size)
+    dino = count_gflop(lambda: metric.feature_backbone.low_res(images))
+    low = size // 16
+    channels = metric.feature_backbone.dim
+    jbu = 2 * channels**2 * low * low / 1e9 + sum(sum(jbu_gflop(low << k, low << k, channels)) for k in range(1, 5))
+    return num_views * (dino + jbu)
 
 
-def _timed(fn, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
-
-
-def _measure(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool) -> dict[str, float]:
+def _report(metric: MEt3R, num_views: int, size: int, repeats: int, bf16: bool, backward: bool, tag: str) -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(1, num_views, 3, size, size, generator=generator) * 2 - 1
     pairs = resolve_pairs("adjacent", num_views)
-    stages: dict[str, list[float]] = {"total": [], "geometry": [], "features": [], "render+score": []}
-    peak = 0.0
-    for _ in range(repeats + 1):  # the first run is a warm-up
+    num_pairs = len(pairs)
+
+    def run(fn, *args) -> None:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            reset_peak()  # the peak is that of the whole forward alone
-            output, total = _timed(metric, images, pairs)
-            peak = max(peak, rss_gib("VmHWM"))
-            del output
-            (points, conf), geometry = _timed(metric._geometry, images, pairs)
-            features, feature_time = _timed(metric._features, images)
-            _, render = _timed(metric._score_pairs, images, features, points, conf, pairs, False)
-            del points, conf, features
-        for key, value in zip(stages, (total, geometry, feature_time, render)):
-            stages[key].append(value)
-    result = {key: statistics.median(values[1:]) for key, values in stages.items()}
-    result["peak_rss_gib"] = peak
-    return result
+            fn(*args)
 
+    def forward_backward() -> None:
+        views = images.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            metric(views, pairs).score.sum().backward()
 
-def _geometry_gflop(metric: MEt3R, num_views: int, size: int, bf16: bool) -> float:
-    """GFLOP of the geometry stage on one sample of `num_views` views, adjacent pairs.
-
-    (Only this stage: the counter would count FeatUp's sparse products as dense ones.)
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    images = torch.zeros(1, num_views, 3, size, size)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    with torch.inference_mode(), autocast, FlopCounterMode(display=False) as counter:
-        metric._geometry(images, resolve_pairs("adjacent", num_views))
-    return counter.get_total_flops() / 1e9
+    geometry_gflop = count_gflop(lambda: run(metric.compute_geometry, images, pairs))
+    feature_gflop = _feature_gflop(metric, num_views, size)
+    print(f"{tag}, V={num_views} adjacent ({num_pairs} pairs){', --bf16' if bf16 else ''}, per sample:")
+    geometry = timed(lambda: run(metric.compute_geometry, images, pairs), repeats)
+    print("    " + stage_line("geometry", geometry, geometry_gflop))
+    features = timed(lambda: run(metric.compute_features, images), repeats)
+    print("    " + stage_line("features", features, feature_gflop))
+    reset_peak()
+    total = timed(lambda: run(metric, images, pairs), repeats)
+    peak = rss_gib("VmHWM")
+    rest = total.seconds - geometry.seconds - features.seconds
+    print(f"    {'render+score (total - geometry - features)':44s} {rest:7.3f} s")
+    print("    " + stage_line("whole forward", total, geometry_gflop + feature_gflop))
+    print(f"    => {total.seconds / num_pairs:.2f} s per pair; peak RSS of the forward {peak:.2f} GiB")
+    if backward:
+        timing = timed(forward_backward, repeats)
+        print("    " + stage_line("forward+backward w.r.t. the images", timing, geometry_gflop + 3 * feature_gflop)
+              + f" | {timing.seconds / total.seconds:.2f}x the forward")
 
 
 def main() -> None:
-    """Run the benchmark and print one block per number of views."""
+    """Run the benchmark: every V eager, then every V compiled."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--views", type=int, nargs="+", default=[2, 8])
-    parser.add_argument("--bf16", action="store_true", help="CPU bf16 autocast for the networks")
-    parser.add_argument("--bf16-weights", action="store_true",
-                        help="with --bf16: also store the weights in bf16 (metric.to(torch.bfloat16))")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights + CPU bf16 autocast (the CLI's --bf16)")
+    parser.add_argument("--backward", action="store_true", help="also forward+backward w.r.t. the images at V=2")
     parser.add_argument("--chunk-size", type=int, default=2, help="MEt3R(chunk_size=...); 0 = everything at once")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    metric = MEt3R(img_size=None, backbone=standin_model("mast3r"), feature_backbone=_standin_featup(),
+    metric = MEt3R(img_size=None, backbone=standin_model("mast3r"), feature_backbone=standin_featup(),
                    chunk_size=args.chunk_size or None)
-    if args.bf16_weights:
-        if not args.bf16:
-            parser.error("--bf16-weights needs --bf16 (bf16 weights run under autocast)")
+    if args.bf16:
         metric.to(torch.bfloat16)
-        reset_peak()
+    reset_peak()
     print(f"MEt3R (full-size MASt3R + DINO/FeatUp stand-in weights) built in {time.perf_counter() - start:.1f} s; "
-          f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size}, chunk_size {args.chunk_size}"
-          f"{', bf16 autocast' if args.bf16 else ''}{', bf16 weights' if args.bf16_weights else ''}; "
+          f"{cpu_model()}; {args.size}x{args.size}, chunk_size {args.chunk_size}; "
           f"RSS after loading {rss_gib('VmRSS'):.2f} GiB")
-    for num_views in args.views:
-        result = _measure(metric, num_views, args.size, args.repeats, args.bf16)
-        num_pairs = num_views - 1
-        print(f"V={num_views} adjacent ({num_pairs} pairs): {result['total'] / num_pairs:.2f} s/pair "
-              f"({result['total']:.2f} s per sample), peak RSS {result['peak_rss_gib']:.2f} GiB")
-        print("    stages per sample: " + ", ".join(
-            f"{key} {result[key]:.2f} s" for key in ("geometry", "features", "render+score")))
-        gflop = _geometry_gflop(metric, num_views, args.size, args.bf16) / num_pairs
-        rate = matmul_rate()
-        print(f"    geometry {gflop:.0f} GFLOP per pair; float32 matmul rate now {rate:.0f} GFLOP/s, "
-              f"so geometry alone takes >= {gflop / rate:.2f} s/pair in float32 at that rate")
+    passes = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
+    for tag, compiled in passes:
+        if compiled:
+            compile_in_place(metric)
+            images = torch.rand(1, 2, 3, args.size, args.size) * 2 - 1
+            start = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                metric(images)
+            print(f"compile time (first compiled V=2 call, including one forward): {time.perf_counter() - start:.1f} s")
+        for num_views in args.views:
+            _report(metric, num_views, args.size, args.repeats, args.bf16, args.backward and num_views == 2, tag)
 
 
 if __name__ == "__main__":
