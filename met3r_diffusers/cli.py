@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -456,14 +457,18 @@ class Processes:
 # ----------------------------------------------------------------------------- checks, metric, provenance
 
 
-def _fail_if_unwritable(out: Path) -> None:
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file name ending in .json or .csv")
+def _fail_if_unwritable(out: Path, option: str) -> None:
     folder = out.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UsageError(f"--out {out}: cannot write there (permission denied or not a folder)")
+    try:  # a real probe: permission bits do not tell for root, read-only mounts or full disks
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        tempfile.TemporaryFile(dir=folder).close()
+        if out.exists():
+            open(out, "a").close()
+    except OSError as error:
+        raise UsageError(f"{option} {out}: cannot write there ({error})") from None
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -478,15 +483,17 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--min-overlap must be in [0, 1], got {args.min_overlap}")
     if args.out:
         out = Path(args.out)
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a directory; give a file name ending in .json or .csv")
         if out.suffix.lower() not in (".json", ".csv"):
             raise UsageError(f"--out must end in .json or .csv, got {out}")
-        _fail_if_unwritable(out)
+        _fail_if_unwritable(out, "--out")
     elif args.resume:
         raise UsageError("--resume needs --out (the report to resume)")
     if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():
         raise UsageError(f"--heatmaps {args.heatmaps} is a file; give a folder")
     if args.heatmaps:
-        _fail_if_unwritable(Path(args.heatmaps) / "probe.png")
+        _fail_if_unwritable(Path(args.heatmaps) / "probe.png", "--heatmaps")
     device = args.device
     if device != "auto":
         try:
@@ -931,10 +938,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--resume", action="store_true",
                        help="keep the scenes already in --out (and its journals) and score only the rest")
     score.add_argument("--heatmaps", metavar="DIR", help="write one score-map PNG per pair here")
-    score.add_argument("--backbone", default="mast3r", choices=("mast3r", "dust3r"))
+    score.add_argument("--backbone", default="mast3r", choices=("mast3r", "dust3r"), help="geometry network")
     score.add_argument("--distance", default="cosine", choices=DISTANCES,
                        help="cosine on DINO/FeatUp features (MEt3R), or one on RGB (psnr/ssim: higher = consistent)")
-    score.add_argument("--upsampler", default="featup", choices=("featup", "bilinear", "nearest", "bicubic"))
+    score.add_argument("--upsampler", default="featup", choices=("featup", "bilinear", "nearest", "bicubic"),
+                       help="feature upsampler: FeatUp's JBU stack (MEt3R) or a weight-free resize")
     score.add_argument("--backbone-weights", default=os.environ.get("MET3R_BACKBONE_WEIGHTS"),
                        help="hub id, local folder or .pth of the geometry network (env MET3R_BACKBONE_WEIGHTS; "
                             "None = the default hub id of --backbone)")
@@ -954,7 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser(
         "download", formatter_class=formatter,
         help="fetch the default weights into the caches (for an offline machine); prints path, sha256, source")
-    download.add_argument("--backbone", default="mast3r", choices=("mast3r", "dust3r"))
+    download.add_argument("--backbone", default="mast3r", choices=("mast3r", "dust3r"), help="geometry network")
     download.add_argument("--no-norm", action="store_true", help="FeatUp's checkpoint without ChannelNorm")
     download.add_argument("--cache-dir", default=None, help="cache for the hub files and the FeatUp checkpoint")
     download.add_argument("--revision", default=None, help="branch, tag or commit of the geometry hub repo")
