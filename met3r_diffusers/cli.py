@@ -274,8 +274,9 @@ class Report:
     def add_error(self, name: str, files: Sequence[Path], error: BaseException | str,
                   fingerprint: str | None = None) -> None:
         """Record a scene that could not be scored (it is reported with its error, not scored)."""
+        text = error if isinstance(error, str) else _error_text(error)
         self.scenes.append({"scene": name, "views": [str(f) for f in files], "fingerprint": fingerprint,
-                            "score": None, "pairs": [], "error": error if isinstance(error, str) else _error_text(error)})
+                            "score": None, "pairs": [], "error": text})
 
     def summary(self) -> dict[str, Any]:
         """Scene counts, mean score and the low-overlap count over the records."""
@@ -333,19 +334,28 @@ def read_complete_flag(path: Path) -> bool:
 
 
 class Journal:
-    """Append-only record of this process's scored scenes (`<out>.journal.<rank>`), fsynced after every batch."""
+    """Append-only record of this process's scored scenes (`<out>.journal.<rank>`).
+
+    Every batch is flushed to the operating system at once (a killed process loses at most the batch in flight) and
+    fsynced at most every `FSYNC_INTERVAL_S` seconds and on close (a power loss loses at most that much).
+    """
+
+    FSYNC_INTERVAL_S = 1.0
 
     def __init__(self, out: Path, rank: int, settings: dict[str, Any]):
         self.path = out.with_name(f"{out.name}.journal.{rank}")
         new = not self.path.is_file() or self.path.stat().st_size == 0
         self.handle = open(self.path, "a")
+        self.synced = -math.inf
         if new:
             self._write([{"settings": settings}])
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
         self.handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
         self.handle.flush()
-        os.fsync(self.handle.fileno())
+        if time.monotonic() - self.synced >= self.FSYNC_INTERVAL_S:
+            os.fsync(self.handle.fileno())
+            self.synced = time.monotonic()
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Add the records of one batch, durably."""
@@ -353,7 +363,8 @@ class Journal:
             self._write([{"record": record} for record in records])
 
     def close(self) -> None:
-        """Close the file (it stays on disk for --resume)."""
+        """Sync and close the file (it stays on disk for --resume)."""
+        os.fsync(self.handle.fileno())
         self.handle.close()
 
     @staticmethod
