@@ -50,7 +50,13 @@ from met3r_diffusers.diffusion import ViewLayout, decode_views, vae_scale_factor
 from met3r_diffusers.evaluation import MEt3REvalHook
 from met3r_diffusers.rewards import MEt3RReward, image_statistics
 from met3r_diffusers.testing import tiny_training_components
-from met3r_diffusers.training_utils import find_checkpoint, load_checkpoint, save_checkpoint
+from met3r_diffusers.training_utils import (
+    epoch_batches,
+    find_checkpoint,
+    load_checkpoint,
+    preserved_rng_state,
+    save_checkpoint,
+)
 
 logger = get_logger(__name__)
 
@@ -321,14 +327,6 @@ def step_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1))
 
 
-def epoch_slice(num_items: int, batch: int, index: int, seed: int) -> list[int]:
-    """Items of the `index`-th batch of `batch` items of a seeded per-epoch permutation (no item repeats in an epoch)."""
-    per_epoch = num_items // batch
-    epoch, position = divmod(index, per_epoch)
-    order = torch.randperm(num_items, generator=step_generator(seed, epoch))
-    return order[position * batch:(position + 1) * batch].tolist()
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -348,6 +346,10 @@ def main(args: argparse.Namespace) -> dict:
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("--mixed_precision fp16 needs a GPU (CPU autocast mixes float16 and float32 operands); "
+                         "use bf16 or no on the CPU")
+    resume_path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     global_batch = args.train_batch_size * accelerator.num_processes
     for name, count in (("prompts", len(prompts)), ("scenes", len(dataset) if args.diffusion_loss_weight else None)):
         if count is not None and count < global_batch:
@@ -440,9 +442,10 @@ def main(args: argparse.Namespace) -> dict:
         return views
 
     def batch_indices(count: int, index: int, seed: int) -> list[int]:
-        rank = accelerator.process_index
-        return epoch_slice(count, global_batch, index, seed)[rank * args.train_batch_size:
-                                                                (rank + 1) * args.train_batch_size]
+        """This process's items of the `index`-th batch: a (seed, epoch) order (training_utils), no repeats per epoch."""
+        epoch, position = divmod(index, count // global_batch)
+        return epoch_batches(count, args.train_batch_size, seed, epoch, accelerator.num_processes,
+                             accelerator.process_index)[position]
 
     def diffusion_loss(index: int, generator: torch.Generator) -> torch.Tensor:
         """The plain diffusion loss on a batch of real scenes (the anchor against reward hacking)."""
@@ -496,20 +499,17 @@ def main(args: argparse.Namespace) -> dict:
     validation_log = os.path.join(args.output_dir, "met3r_validation.jsonl")
 
     def validate(step: int, force: bool = False) -> None:
-        results = hook.evaluate(step) if force else hook(step)
+        with preserved_rng_state():  # validation never changes the training's random numbers
+            results = hook.evaluate(step) if force else hook(step)
         if results is not None and accelerator.is_main_process:
             logger.info(f"step {step}: MEt3R {results['score']:.5f} {results['pair_scores']}")
             with open(validation_log, "a") as f:
                 f.write(json.dumps({k: v for k, v in results.items() if not torch.is_tensor(v)}) + "\n")
 
     global_step = 0
-    if args.resume_from_checkpoint:
-        path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if path is None:
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no complete checkpoint in "
-                             f"{args.output_dir!r}")
-        global_step = load_checkpoint(accelerator, path)["global_step"]
-        accelerator.print(f"Resuming from {path} (step {global_step})")
+    if resume_path is not None:  # "latest" without a complete checkpoint starts from scratch
+        global_step = load_checkpoint(accelerator, resume_path)["global_step"]
+        accelerator.print(f"Resuming from {resume_path} (step {global_step})")
 
     logger.info(f"{len(prompts)} prompts x {num_views} views, latents {latent_shape}; {args.max_train_steps} steps of "
                 f"{global_batch * args.gradient_accumulation_steps} prompts; DDIM {args.num_inference_steps} steps, "
