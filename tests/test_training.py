@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from met3r_diffusers.data import make_toy_multiview_dataset
 from met3r_diffusers.loss import MEt3RLoss, decode_views, predict_x0
 from met3r_diffusers.evaluation import MEt3REvalHook
+from met3r_diffusers.training_utils import CHECKPOINT_MARKER, is_complete_checkpoint
 
 SCRIPT = REPO_ROOT / "training" / "train_met3r_finetune.py"
 TOY_METRIC = "met3r_diffusers.testing:FeatureConsistencyMetric"
@@ -109,6 +110,59 @@ def test_lora_run_checkpoint_resume_identical(toy_data, tmp_path):
     assert any(not torch.equal(halfway[k], expected[k]) for k in expected if ".lora_B" in k)
 
 
+@pytest.fixture
+def one_thread():
+    """Runs compared bit for bit use one thread (same arithmetic, and fast on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "extra, partial_steps",
+    [
+        # the checkpoint is not a validation step (validation used to shift the global RNG, and resume did too)
+        (("--validation_steps", "3"), 2),
+        # mid-epoch with gradient accumulation: 3 batches per epoch, 2 per update; checkpoint-1 skips 2 batches
+        (("--gradient_accumulation_steps", "2", "--num_validation_samples", "0"), 1),
+        # the epoch boundary, a random pair subset per step, two loader workers
+        (("--met3r_pairs", "all", "--met3r_num_pairs", "1", "--dataloader_num_workers", "2",
+          "--num_validation_samples", "0"), 3),
+    ],
+    ids=["validation-elsewhere", "grad-accumulation-mid-epoch", "epoch-boundary-pair-subset-workers"],
+)
+def test_resume_is_bit_exact(toy_data, tmp_path, one_thread, extra, partial_steps):
+    """N steps straight == `partial_steps` steps + resume from latest + the rest: weights, losses, validation."""
+    common = ("--use_lora", "--checkpointing_steps", str(partial_steps), "--met3r_max_timestep", "700",
+              "--validation_inference_steps", "2", "--report_to", "none", *extra)
+    straight = _run(*_args(toy_data, tmp_path / "a", "--max_train_steps", "4", *common))
+    AcceleratorState._reset_state(True)
+    _run(*_args(toy_data, tmp_path / "b", "--max_train_steps", str(partial_steps), *common))
+    AcceleratorState._reset_state(True)
+    resumed = _run(*_args(toy_data, tmp_path / "b", "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                          *common))
+    assert straight["global_step"] == resumed["global_step"] == 4
+    expected = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    actual = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert expected.keys() == actual.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
+    # the mean of every step's diffusion loss (the recent losses travel in the checkpoint): equal only if each is
+    assert resumed["final_diffusion_loss"] == straight["final_diffusion_loss"]
+    after = [(r["step"], r["score"]) for r in straight["validation"] if r["step"] > partial_steps]
+    assert [(r["step"], r["score"]) for r in resumed["validation"]] == after
+
+
+def test_validation_does_not_change_training(toy_data, tmp_path, one_thread):
+    """Validating every step leaves the trained weights bit-identical to validating only at the end."""
+    common = ("--use_lora", "--max_train_steps", "2", "--validation_inference_steps", "2", "--report_to", "none")
+    _run(*_args(toy_data, tmp_path / "a", "--validation_steps", "1", *common))
+    AcceleratorState._reset_state(True)
+    _run(*_args(toy_data, tmp_path / "b", "--validation_steps", "0", *common))
+    expected = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    actual = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_full_finetune_each_prediction_type(toy_data, tmp_path, prediction_type):
     result = _run(*_args(toy_data, tmp_path, "--max_train_steps", "1", "--prediction_type", prediction_type,
@@ -176,13 +230,45 @@ def _write_views(scene_dir, sizes):
         (("--train_data_dir", "/nonexistent/scenes"), "train_data_dir"),
         (("--met3r_kwargs", "{shift: 1}"), "met3r_kwargs"),
         (("--resume_from_checkpoint", "checkpoint-7"), "no such checkpoint"),
+        (("--met3r_weight", "nan"), r"--met3r_weight \(λ\) must be finite, got nan"),
+        (("--learning_rate", "inf"), "--learning_rate must be finite"),
+        (("--max_grad_norm", "inf"), "--max_grad_norm must be finite"),
+        (("--adam_epsilon", "nan"), "--adam_epsilon must be finite"),
+        (("--adam_beta2", "1.0"), r"--adam_beta2 must be in \[0, 1\)"),
+        (("--met3r_kwargs", "[1, 2]"), "--met3r_kwargs must be a JSON object"),
+        (("--met3r_kwargs", '{"shfit": 1}'), "--met3r_kwargs do not fit --met3r_factory.*shfit"),
+        (("--met3r_factory", "no_such_module:build"), "--met3r_factory 'no_such_module:build': cannot load"),
+        (("--met3r_factory", "met3r_diffusers.testing:NoSuchMetric"), "--met3r_factory.*no callable 'NoSuchMetric'"),
+        (("--met3r_factory", "/nonexistent/metric.py:build"), "--met3r_factory.*no such file"),
+        (("--met3r_factory", "met3r_diffusers.testing"), "--met3r_factory must look like 'module:callable'"),
+        (("--resolution", "0"), "--resolution must be >= 1"),
+        (("--resolution", "30"), "--resolution: 30x30 is not a multiple of the VAE's down-sampling factor 4"),
+        (("--met3r_resolution", "0"), "--met3r_resolution must be >= 1"),
+        (("--met3r_resolution", "18"), "--met3r_resolution 18 is not a multiple"),
+        (("--num_views", "1"), "--num_views must be >= 2"),
+        (("--checkpoints_total_limit", "0"), "--checkpoints_total_limit must be >= 1"),
+        (("--lr_scheduler", "cosine_annealing"), "--lr_scheduler must be one of"),
+        (("--mixed_precision", "fp16"), "--mixed_precision fp16 needs a GPU"),
     ],
 )
-def test_bad_configuration_fails_before_training(toy_data, tmp_path, extra, match):
+def test_bad_configuration_fails_before_training(toy_data, tmp_path, monkeypatch, extra, match):
+    if "fp16" in extra and torch.cuda.is_available():
+        pytest.skip("fp16 is refused on the CPU only")
+    monkeypatch.setattr(train_script, "tiny_training_components", lambda *a, **k: pytest.fail("components were built"))
     output_dir = tmp_path / "out"
     with pytest.raises(ValueError, match=match):
         _run(*_args(toy_data, output_dir, "--max_train_steps", "1", *extra))
     assert not (output_dir / "checkpoint-1").exists() and not (output_dir / "met3r_validation.jsonl").exists()
+    assert not output_dir.exists()
+
+
+def test_incomplete_checkpoint_fails_before_training(toy_data, tmp_path, monkeypatch):
+    """An explicit checkpoint without its completion marker (a killed save) is refused before any model is built."""
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"torn")
+    monkeypatch.setattr(train_script, "tiny_training_components", lambda *a, **k: pytest.fail("components were built"))
+    with pytest.raises(ValueError, match="resume_from_checkpoint 'checkpoint-3'.*incomplete checkpoint"):
+        _run(*_args(toy_data, tmp_path, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-3"))
 
 
 def test_mismatched_view_sizes_fail_before_any_model_is_built(tmp_path, monkeypatch):
@@ -297,6 +383,10 @@ def test_script_under_two_processes(toy_data, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    # both processes' random states are in the checkpoint, and the main process marked it complete after them
+    marker = json.loads((tmp_path / "checkpoint-2" / CHECKPOINT_MARKER).read_text())
+    assert marker["global_step"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(marker["files"])
+    assert is_complete_checkpoint(tmp_path / "checkpoint-2")
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
     lines = [json.loads(line) for line in (tmp_path / "met3r_validation.jsonl").read_text().splitlines()]
     assert [(line["step"], line["num_samples"]) for line in lines] == [(2, 3), (3, 3)]
