@@ -49,21 +49,12 @@ def zero_metric():
 
 def standin_metric():
     """The real MEt3R on the full-size MASt3R + DINO/FeatUp stand-in weights of the parity fixtures."""
-    import importlib.util
-
     sys.path.insert(0, str(HERE))
-    from bench_dust3r import PARITY_DIR, standin_model
+    from common import standin_featup, standin_model
 
     from met3r_diffusers import MEt3R
-    from met3r_diffusers.models import DinoFeatUp
 
-    spec = importlib.util.spec_from_file_location("parity_weights", PARITY_DIR / "weights.py")
-    weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(weights)
-    manifest = json.loads((PARITY_DIR / "featup" / "dino16_jbu.manifest.json").read_text())
-    features = DinoFeatUp()
-    features.load_state_dict(weights.make_state_dict(manifest["tensors"], seed=0))
-    return MEt3R(img_size=None, backbone=standin_model("mast3r"), feature_backbone=features.eval())
+    return MEt3R(img_size=None, backbone=standin_model("mast3r"), feature_backbone=standin_featup())
 
 
 def write_scenes(root: Path, num_scenes: int, num_views: int) -> None:
@@ -110,6 +101,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--real-scenes", type=int, default=2, help="scenes scored with the real metric (0 skips)")
     args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    from common import cpu_model
+
+    print(f"CPU: {cpu_model()}")
     with tempfile.TemporaryDirectory(prefix="bench-score-") as folder:
         root = Path(folder) / "scenes"
         start = time.perf_counter()
