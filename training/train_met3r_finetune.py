@@ -120,7 +120,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     track.add_argument("--checkpointing_steps", type=int, default=500)
     track.add_argument("--checkpoints_total_limit", type=int, default=None)
     track.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="a checkpoint-N folder in output_dir, or 'latest'")
+                       help="a checkpoint-N folder (in output_dir) or path, or 'latest': the newest complete one "
+                            "(none yet: start from scratch)")
     track.add_argument("--validation_steps", type=int, default=0,
                        help="run the MEt3R evaluation hook every N steps (0: only at the end)")
     track.add_argument("--num_validation_samples", type=int, default=4,
