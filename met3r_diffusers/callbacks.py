@@ -61,7 +61,7 @@ from .diffusion import (
 )
 from .loss import MEt3RLoss, call_metric, guidance_direction, guidance_objective
 from .pairs import PairSpec, resolve_pairs
-from .validation import check_finite, check_positive_int
+from .validation import check_finite, check_positive_int, check_size
 
 __all__ = ["MEt3RCallback", "SchedulerTap"]
 
@@ -71,6 +71,9 @@ class SchedulerTap:
 
     One tap per scheduler (`SchedulerTap.of(scheduler)`), installed as an instance attribute `step` that shadows
     the class's method and removed when the last subscriber unsubscribes. The scheduler's outputs are unchanged.
+    A tap left behind (its callbacks garbage-collected, or a run that stopped before its final step) removes
+    itself at its next step; a copied or unpickled scheduler gets such a subscriber-less tap, so the copy steps
+    itself and is clean after one step.
     """
 
     _taps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -103,13 +106,22 @@ class SchedulerTap:
         """Start recording for `subscriber` (its record starts empty)."""
         self.records[subscriber] = None
 
+    def __reduce__(self) -> tuple:
+        # copy.deepcopy / pickle of a tapped scheduler: the copy gets a fresh tap of its own, without subscribers
+        return (_untapped_copy, (self.scheduler,))
+
     def unsubscribe(self, subscriber: object) -> None:
         """Stop recording for `subscriber`; the last one out removes the wrapper (unless another was put over it)."""
         self.records.pop(subscriber, None)
+        if not self.records:
+            self._remove()
+
+    def _remove(self) -> None:
         scheduler = self.scheduler
-        if self.records or scheduler is None or self._taps.get(scheduler) is not self:
+        if scheduler is None:
             return
-        del self._taps[scheduler]
+        if self._taps.get(scheduler) is self:
+            del self._taps[scheduler]
         if scheduler.__dict__.get("step") != self.step:
             return  # someone wrapped the step after us: leave their wrapper (it reaches ours, now a pass-through)
         if self._previous is None:
@@ -126,12 +138,15 @@ class SchedulerTap:
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         """The scheduler's step, returning what the caller asked for, with its x0 estimate recorded."""
+        scheduler = self.scheduler
+        original = self._previous if self._previous is not None else type(scheduler).step.__get__(scheduler)
+        if not self.records:  # left behind: step plainly and take the wrapper away
+            self._remove()
+            return original(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs)
         return_dict = bound.arguments.get("return_dict", True)
         if self._supports_return_dict:
             bound.arguments["return_dict"] = True
-        scheduler = self.scheduler
-        original = self._previous if self._previous is not None else type(scheduler).step.__get__(scheduler)
         output = original(*bound.args, **bound.kwargs)
         timestep = bound.arguments["timestep"]
         x0 = None
@@ -147,6 +162,11 @@ class SchedulerTap:
         if self._supports_return_dict and not return_dict:
             return output.to_tuple()
         return output
+
+
+def _untapped_copy(scheduler: Any) -> SchedulerTap:
+    """The tap of a copied / unpickled tapped scheduler: one without subscribers (see SchedulerTap)."""
+    return SchedulerTap(scheduler)
 
 
 class MEt3RCallback(PipelineCallback):
@@ -214,11 +234,7 @@ class MEt3RCallback(PipelineCallback):
         self.layout = ViewLayout.parse(layout, num_views)
         # pairs are checked now, not at the first step: against num_views when it is known, else their form
         resolve_pairs(pairs, self.layout.num_views or (2 if isinstance(pairs, str) or pairs is None else 2**31))
-        if decode_size is not None:
-            size = (decode_size, decode_size) if isinstance(decode_size, int) else tuple(decode_size)
-            if len(size) != 2 or min(size) <= 0:
-                raise ValueError(f"decode_size must be a positive int or (H, W), got {decode_size!r}")
-            decode_size = size
+        decode_size = check_size("decode_size", decode_size)
         self.metric = metric
         self.pairs = pairs
         self.window = (float(start), float(stop))
@@ -244,8 +260,14 @@ class MEt3RCallback(PipelineCallback):
         self._attach_depth += 1
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) starts detached: the tap belongs to the original's subscription
+        state = self.__dict__.copy()
+        state.update(_tap=None, _attach_depth=0)
+        return state
+
     def _subscribe(self, scheduler: Any) -> None:
-        if self._tap is not None and self._tap.scheduler is scheduler:
+        if self._tap is not None and self._tap.scheduler is scheduler and self in self._tap.records:
             return
         self._unsubscribe()
         self._tap = SchedulerTap.of(scheduler)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import re
 import struct
 import warnings
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .validation import check_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 PROMPT_FILE = "prompt.txt"
@@ -187,12 +190,8 @@ def natural_key(name: str) -> list:
 
 
 def _as_size(resolution: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if resolution is None:
-        return None
-    size = (int(resolution), int(resolution)) if isinstance(resolution, (int, float)) else tuple(map(int, resolution))
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"resolution must be a positive int or (H, W), got {resolution!r}")
-    return size
+    """(H, W) from an int or a pair of positive integers (never a truncated float or a bool)."""
+    return check_size("resolution / size", resolution)
 
 
 class MultiViewFolderDataset(torch.utils.data.Dataset):
@@ -213,8 +212,10 @@ class MultiViewFolderDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
-        if num_views is not None and num_views < 2:
-            raise ValueError(f"num_views must be at least 2, got {num_views}")
+        if num_views is not None and (
+            isinstance(num_views, bool) or not isinstance(num_views, numbers.Integral) or num_views < 2
+        ):
+            raise ValueError(f"num_views must be an integer of at least 2, got {num_views!r}")
         self.resolution = _as_size(resolution)
 
         self.scenes: list[list[Path]] = []
@@ -269,13 +270,24 @@ class MultiViewFolderDataset(torch.utils.data.Dataset):
         return self.resolution or dataset_size
 
     def _read_cameras(self, scene_dir: Path) -> dict[str, torch.Tensor]:
-        with open(scene_dir / CAMERAS_FILE) as f:
-            data = json.load(f)
+        path = scene_dir / CAMERAS_FILE
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: must hold a JSON object with 'intrinsics' and/or 'cam_to_world'")
         cameras = {}
         for key, shape in (("intrinsics", (3, 3)), ("cam_to_world", (4, 4))):
             if key not in data:
                 continue
-            values = torch.tensor(data[key], dtype=torch.float32)
+            try:
+                values = torch.tensor(data[key], dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"{path}: {key!r} must be nested lists of numbers") from None
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{path}: {key!r} holds non-finite values")
             if values.ndim != 3 or tuple(values.shape[1:]) != shape or values.shape[0] < self.num_views:
                 raise ValueError(
                     f"{scene_dir.name}/{CAMERAS_FILE}: {key!r} must hold one {shape[0]}x{shape[1]} matrix per view "

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .validation import check_size
+
 Timesteps = Union[int, float, torch.Tensor]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
@@ -78,7 +80,10 @@ def _per_sample(values: torch.Tensor, batch: int, ndim: int, like: torch.Tensor)
 def _as_tensor(timesteps: Timesteps) -> torch.Tensor:
     if not isinstance(timesteps, torch.Tensor):
         timesteps = torch.tensor(timesteps)
-    return timesteps.detach().to(torch.float64).reshape(-1)
+    timesteps = timesteps.detach().to(torch.float64).reshape(-1)
+    if not bool(torch.isfinite(timesteps).all()):
+        raise ValueError(f"timesteps must be finite, got {timesteps.tolist()}")
+    return timesteps
 
 
 def _vp_alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +238,16 @@ class ViewLayout:
     def __post_init__(self):
         if self.kind not in LAYOUT_KINDS:
             raise ValueError(f"layout must be one of {LAYOUT_KINDS}, got {self.kind!r}")
-        if self.num_views is not None and self.num_views < 2:
-            raise ValueError(f"num_views must be at least 2, got {self.num_views}")
+        if self.num_views is not None and (
+            isinstance(self.num_views, bool) or not isinstance(self.num_views, numbers.Integral) or self.num_views < 2
+        ):
+            raise ValueError(f"num_views must be an integer of at least 2 (or None), got {self.num_views!r}")
         if self.frame_dim not in (None, 1, 2):
             raise ValueError(f"frame_dim must be 1 (B,F,C,h,w) or 2 (B,C,F,h,w), got {self.frame_dim}")
         if self.kind == "grid":
-            if self.grid is None or len(self.grid) != 2 or min(self.grid) < 1 or self.grid[0] * self.grid[1] < 2:
+            if (self.grid is None or len(self.grid) != 2 or not all(
+                    isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in self.grid)
+                    or min(self.grid) < 1 or self.grid[0] * self.grid[1] < 2):
                 raise ValueError(f"grid layout needs grid=(rows, cols) with at least 2 tiles, got {self.grid!r}")
             if self.num_views is not None and self.num_views > self.grid[0] * self.grid[1]:
                 raise ValueError(f"num_views={self.num_views} exceeds the {self.grid[0]}x{self.grid[1]} grid")
@@ -327,13 +336,7 @@ def _view_size(size: int | Sequence[int] | None, layout: ViewLayout) -> tuple[in
     """Pixel size of the decoded *image* for a per-view `size` (a grid image holds rows x cols views)."""
     if size is None:
         return None
-    def is_size(value: object) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-    out = (size, size) if is_size(size) else tuple(size) if isinstance(size, Sequence) else ()
-    if len(out) != 2 or not all(is_size(s) for s in out):
-        raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
-    out = (int(out[0]), int(out[1]))
+    out = check_size("size", size)
     if layout.kind == "grid":
         rows, cols = layout.grid
         out = (out[0] * rows, out[1] * cols)

@@ -15,6 +15,7 @@ error for ``psnr``), so callers never special-case a distance.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def get_distance(name: str, eps: float = 1e-3) -> Distance:
     if name in needs and importlib.util.find_spec(needs[name]) is None:
         raise ImportError(f"distance={name!r} needs the {needs[name]} package: pip install {needs[name]}")
     functions = {
-        "cosine": lambda a, b: cosine_distance(a, b, eps),
+        "cosine": functools.partial(cosine_distance, eps=eps),  # picklable, unlike a lambda
         "mse": mse_distance,
         "rmse": rmse_distance,
         "psnr": psnr_distance,

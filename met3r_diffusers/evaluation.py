@@ -59,27 +59,42 @@ class MEt3RMetric(Metric):
         super().__init__(**kwargs)
         if not callable(metric):
             raise TypeError(f"metric must be callable, got {type(metric).__name__}")
-        self.metric = metric
+        # Held outside the module tree: its frozen weights stay out of this metric's state_dict (a checkpoint of
+        # the real networks would carry ~2.6 GB) and train() leaves it alone; _apply still moves it (.to(), .cuda()).
+        object.__setattr__(self, "metric", metric)
         self.pairs = pairs
         self.last_output: Any = None  # the latest batch's metric output
         distance = getattr(metric, "distance_fn", None)
         if distance is not None and distance.higher_is_better:  # psnr / ssim
-            self.higher_is_better = True
+            object.__setattr__(self, "higher_is_better", True)  # torchmetrics guards the class constant
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("pair_scores", default=[], dist_reduce_fx="cat")
         self.add_state("overlap_fractions", default=[], dist_reduce_fx="cat")
 
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> MEt3RMetric:
+        if isinstance(self.metric, torch.nn.Module):
+            self.metric._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
     def update(self, images: torch.Tensor, **kwargs: Any) -> None:
-        """Score one batch (B, V, 3, H, W) in [-1, 1] and keep its per-sample results."""
-        with torch.no_grad():
-            output = call_metric(self.metric, images, self.pairs, **kwargs)
-        pair_scores = output.pair_scores.detach().float().reshape(images.shape[0], -1)
+        """Score one batch (B, V, 3, H, W) in [-1, 1] and keep its per-sample results.
+
+        torchmetrics runs `update` without gradient, and `metric(images)` (its `forward`) with it: the batch's value
+        is then differentiable w.r.t. the images (`is_differentiable`).
+        """
+        output = call_metric(self.metric, images, self.pairs, **kwargs)
+        pair_scores = output.pair_scores.float().reshape(images.shape[0], -1)
         if self.pair_scores and pair_scores.shape[1] != self.pair_scores[0].shape[1]:
             raise ValueError("every batch must score the same number of pairs (same V and pairs)")
         self.last_output = output
-        self.scores.append(output.score.detach().float().reshape(-1))
+        self.scores.append(output.score.float().reshape(-1))
         self.pair_scores.append(pair_scores)
-        self.overlap_fractions.append(output.overlap_fraction.detach().float().reshape(images.shape[0], -1))
+        self.overlap_fractions.append(output.overlap_fraction.float().reshape(images.shape[0], -1))
+
+    def reset(self) -> None:
+        """Forget every batch seen (and the latest output)."""
+        super().reset()
+        self.last_output = None
 
     def compute(self) -> dict[str, Any]:
         """Means over all samples seen (by all processes); see the class docstring for the keys."""

@@ -65,6 +65,8 @@ def estimate_focal(points: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"points must have shape (B, H, W, 3), got {tuple(points.shape)}")
     if not points.is_floating_point():
         raise ValueError(f"points must be a floating-point tensor, got {points.dtype}")
+    if points.shape[0] == 0:
+        return points.new_empty(0, 2)
     votes = _focal_votes(points)
     focal_px = torch.nanmedian(votes, dim=1).values  # (B, 2), NaN votes ignored, +-inf kept
     height, width = points.shape[1:3]
@@ -139,8 +141,9 @@ def pair_scores(
     `valid` is False where the mask is empty; such pairs score NaN (`empty="nan"`) or 0 (`empty="zero"`),
     selected with `torch.where`, so their gradient is 0 either way.
     """
-    if empty not in EMPTY_MODES:
-        raise ValueError(f"empty must be one of {EMPTY_MODES}, got {empty!r}")
+    _check_empty(empty)
+    if score_map.shape != mask.shape or score_map.ndim < 2:
+        raise ValueError(f"score_map {tuple(score_map.shape)} and mask {tuple(mask.shape)} must both be (n, H, W)")
     valid = mask.sum((-2, -1)) > 0
     scores = distance.reduce(score_map, mask, eps)
     if empty == "zero":
@@ -183,6 +186,9 @@ def fold_symmetric(
     scores: torch.Tensor, valid: torch.Tensor, reverse_scores: torch.Tensor, reverse_valid: torch.Tensor, empty: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average each pair's two directions over those that overlap (the paper's symmetric formula): scores, valid."""
+    _check_empty(empty)
+    _check_valid(valid, scores)
+    _check_valid(reverse_valid, reverse_scores)
     count = valid.to(scores.dtype) + reverse_valid.to(scores.dtype)
     total = torch.where(valid, scores, torch.zeros_like(scores)) + torch.where(
         reverse_valid, reverse_scores, torch.zeros_like(reverse_scores)
@@ -194,7 +200,20 @@ def fold_symmetric(
 
 def sample_scores(scores: torch.Tensor, valid: torch.Tensor, empty: str = "nan") -> torch.Tensor:
     """Per-sample score (B,) from per-pair scores (B, P): the mean over the pairs that overlap; NaN or 0 if none."""
+    _check_empty(empty)
+    _check_valid(valid, scores)
     count = valid.to(scores.dtype).sum(-1)
     total = torch.where(valid, scores, torch.zeros_like(scores)).sum(-1)
     fill = torch.full_like(total, float("nan") if empty == "nan" else 0.0)
     return torch.where(count > 0, total / count.clamp_min(1), fill)
+
+
+def _check_empty(empty: str) -> None:
+    if empty not in EMPTY_MODES:
+        raise ValueError(f"empty must be one of {EMPTY_MODES}, got {empty!r}")
+
+
+def _check_valid(valid: torch.Tensor, scores: torch.Tensor) -> None:
+    if not (isinstance(valid, torch.Tensor) and valid.dtype == torch.bool and valid.shape == scores.shape):
+        shape = tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"valid must be a bool tensor shaped like the scores {tuple(scores.shape)}, got {shape}")

@@ -59,9 +59,10 @@ def call_metric(metric: Callable[..., Any], views: torch.Tensor, pairs: PairSpec
         kwargs.pop("empty")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) or views.dtype == dtype:
         return metric(views, pairs=pairs, **kwargs)
-    if dtype.itemsize < views.dtype.itemsize:
+    if dtype in (torch.bfloat16, torch.float16) and views.dtype.itemsize > dtype.itemsize:
+        # autocast takes float32 inputs only: float64 views are rounded to float32 first
         with torch.autocast(views.device.type, dtype=dtype):
-            return metric(views, pairs=pairs, **kwargs)
+            return metric(views.float(), pairs=pairs, **kwargs)
     return metric(views.to(dtype), pairs=pairs, **kwargs)
 
 
@@ -109,7 +110,12 @@ def guidance_direction(
     """Post-process a guidance gradient (num_samples, ...): rows with NaN / inf set to 0, each row divided by its
     RMS (`normalize`), then its RMS capped at `max_norm`; returns the direction (shaped like `grad`) and how many
     rows were not finite."""
-    per_sample = grad.reshape(num_samples, -1)
+    num_samples = check_positive_int("num_samples", num_samples)
+    max_norm = check_finite("max_norm", max_norm, positive=True, optional=True)
+    if grad.ndim == 0 or grad.shape[0] % num_samples:
+        raise ValueError(f"grad's first dimension {tuple(grad.shape)[:1]} is not a multiple of num_samples={num_samples}")
+    # in at least float32: a float16 gradient's RMS would overflow (square) or underflow (the 1e-12 floor)
+    per_sample = grad.reshape(num_samples, -1).to(torch.promote_types(grad.dtype, torch.float32))
     bad = ~torch.isfinite(per_sample).all(dim=1)
     num_bad = int(bad.sum())
     if num_bad:
@@ -120,7 +126,7 @@ def guidance_direction(
         rms = (rms > 0).to(rms.dtype)  # zero rows stay zero
     if max_norm is not None:
         per_sample = per_sample * (max_norm / rms.clamp_min(1e-12)).clamp(max=1.0)
-    return per_sample.reshape(grad.shape), num_bad
+    return per_sample.reshape(grad.shape).to(grad.dtype), num_bad
 
 
 def masked_pair_scores(
@@ -232,9 +238,9 @@ class MEt3RLoss(nn.Module):
                 )
             keep = (timesteps <= self.max_timestep).expand(batch)
 
-        # a zero that is still part of the graph, so that backward() works when nothing contributes (at least
-        # float32: a bf16 batch of views still gets a float32 loss)
-        zero = (views.sum() * 0.0).to(torch.promote_types(views.dtype, torch.float32))
+        # a zero that is still part of the graph, so that backward() works when nothing contributes; NaN-free (a
+        # non-finite sample that the timestep gate leaves out must not reach the loss) and at least float32
+        zero = (torch.nan_to_num(views, 0.0, 0.0, 0.0).sum() * 0.0).to(torch.promote_types(views.dtype, torch.float32))
         per_sample = zero.expand(batch).clone()
         total, count = zero, 0
         if bool(keep.any()):

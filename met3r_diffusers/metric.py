@@ -36,7 +36,9 @@ from .geometry import geometry_from_cameras
 from .hub import DEFAULT_REPO_IDS, download_weights
 from .models.compile import compile_units
 from .models.dino import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+from .models.featup import UPSAMPLERS
 from .pairs import PairSpec, resolve_pairs
+from .validation import check_finite, check_positive_int
 
 __all__ = ["DEFAULT_WEIGHTS", "MEt3R", "MEt3RConfig", "MEt3ROutput", "REFERENCES", "geometry_from_cameras"]
 
@@ -169,20 +171,19 @@ class MEt3R(nn.Module):
         backbone, feature_backbone, backbone_weights, feature_backbone_weights = _apply_seed_aliases(
             seed_aliases, backbone, feature_backbone, backbone_weights, feature_backbone_weights
         )
-        if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
-            raise ValueError(f"img_size must be a positive int or None, got {img_size!r}")
+        img_size = check_positive_int("img_size", img_size, optional=True)
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {tuple(REFERENCES)}, got {reference!r}")
-        if isinstance(radius, bool) or not (isinstance(radius, (int, float)) and 0 < radius < math.inf):
-            raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-        if isinstance(points_per_pixel, bool) or not isinstance(points_per_pixel, int) or points_per_pixel < 1:
-            raise ValueError(f"points_per_pixel must be a positive int, got {points_per_pixel!r}")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        radius = check_finite("radius", radius, positive=True)
+        points_per_pixel = check_positive_int("points_per_pixel", points_per_pixel)
+        chunk_size = check_positive_int("chunk_size", chunk_size, optional=True)
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        for name, flag in (("use_norm", use_norm), ("freeze", freeze)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if upsampler not in UPSAMPLERS:  # checked even when a feature module is passed: it is recorded in config
+            raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {compile!r}")
         settings = REFERENCES[reference]
@@ -246,6 +247,10 @@ class MEt3R(nn.Module):
         """A metric whose geometry network loads from a hub id / local path (None: the default for `backbone`),
         moved to `device` and `torch_dtype`; other keyword arguments are `MEt3R`'s."""
         if pretrained_model_name_or_path is not None:
+            if isinstance(kwargs.get("backbone"), nn.Module):
+                raise ValueError(
+                    "pretrained_model_name_or_path names the geometry weights, but backbone is already a module"
+                )
             kwargs["backbone_weights"] = str(pretrained_model_name_or_path)
         if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
             raise ValueError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
@@ -564,6 +569,13 @@ def _check_geometry(
     if not isinstance(geometry, dict) or "pts3d" not in geometry:
         raise ValueError('geometry must be a dict with "pts3d" (B, P, 2, H, W, 3) and optionally "conf"')
     height, width = images.shape[-2:]
+    for key in ("pts3d", "conf"):
+        value = geometry.get(key)
+        if value is not None and not (
+            isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_complex()
+        ):
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f'geometry["{key}"] must be a real floating-point tensor, got {kind}')
     points = geometry["pts3d"]
     if points.ndim == 5:
         points = points[:, None]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
-__all__ = ["check_finite", "check_positive_int"]
+__all__ = ["check_finite", "check_positive_int", "check_size"]
 
 
 def check_finite(
@@ -32,3 +33,18 @@ def check_positive_int(name: str, value: object, optional: bool = False) -> int 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_size(name: str, value: object, optional: bool = True) -> tuple[int, int] | None:
+    """`value` as an (H, W) pair of positive integers: an int means a square; floats and bools are refused."""
+    if value is None and optional:
+        return None
+
+    def is_size(number: object) -> bool:
+        return isinstance(number, numbers.Integral) and not isinstance(number, bool) and number > 0
+
+    size = (value, value) if is_size(value) else tuple(value) if isinstance(value, Sequence) and not isinstance(
+        value, str) else ()
+    if len(size) != 2 or not all(is_size(s) for s in size):
+        raise ValueError(f"{name} must be a positive int or (H, W) of positive ints, got {value!r}")
+    return int(size[0]), int(size[1])

@@ -519,3 +519,39 @@ def test_frames_decode_fn_gets_the_vae_channel_axis():
 
     views = decode_views(decode_fn, latents, ViewLayout("frames", 2), latent_channels=4)
     assert seen == [(2, 4, 8, 8)] and views.shape == (1, 2, 3, 16, 16)
+
+
+def test_a_run_that_stops_early_leaves_no_lasting_wrapper_and_copies_are_clean(sd_pipe):
+    import copy
+    import gc
+    import pickle
+
+    callback = MEt3RCallback(FeatureConsistency(), num_views=3)  # 2 images per prompt: the layout check fails
+    with pytest.raises(ValueError, match="num_views"):
+        _run(sd_pipe, callback, steps=3, views=2)
+    assert "step" in sd_pipe.scheduler.__dict__  # left behind by the interrupted, unattached run ...
+    copied = copy.deepcopy(sd_pipe.scheduler)
+    restored = pickle.loads(pickle.dumps(sd_pipe.scheduler))
+    del callback
+    gc.collect()
+    reference = _run(sd_pipe, steps=3, views=2)  # ... but it steps plainly and takes itself away
+    assert "step" not in sd_pipe.scheduler.__dict__
+    assert torch.equal(_run(sd_pipe, steps=3, views=2), reference)
+    for scheduler in (copied, restored):  # copies step themselves, not the original
+        scheduler.set_timesteps(3)
+        sample = torch.randn(1, 4, 4, 4)
+        out = scheduler.step(torch.zeros_like(sample), scheduler.timesteps[0], sample).prev_sample
+        assert out.shape == sample.shape and "step" not in scheduler.__dict__
+
+
+def test_copies_of_an_attached_callback_attach_themselves(sd_pipe):
+    import copy
+    import pickle
+
+    callback = MEt3RCallback(FeatureConsistency(), num_views=2)
+    with callback.attach(sd_pipe):
+        clone = copy.deepcopy(callback)
+        pickle.loads(pickle.dumps(clone))  # picklable (MEt3R and its distance too)
+        with pytest.warns(UserWarning, match="attach"):
+            _run(sd_pipe, clone, steps=3, views=2)
+    assert [entry["step"] for entry in clone.history] == [1, 2]
