@@ -79,7 +79,7 @@ def _checkpoint(path):
     return state
 
 
-def test_lora_run_checkpoint_resume_identical(toy_data, tmp_path):
+def test_lora_run_checkpoint_resume_identical(toy_data, tmp_path, one_thread):
     """4 steps straight == 2 steps + resume from checkpoint-2 + 2 steps (weights, optimizer, scheduler, validation)."""
     common = ("--use_lora", "--checkpointing_steps", "2", "--validation_steps", "2", "--met3r_max_timestep", "700")
     straight = _run(*_args(toy_data, tmp_path / "a", "--max_train_steps", "4", *common))
