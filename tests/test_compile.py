@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import pytest
 import torch
@@ -91,6 +92,10 @@ def test_compiled_geometry_keeps_parity_with_gradients():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MET3R_TEST_COMPILE_FEATURES") != "1",
+    reason="compiling DINO + FeatUp takes ~3.5 min on 2 cores; set MET3R_TEST_COMPILE_FEATURES=1 to run it",
+)
 def test_compiled_features_keep_parity():
     """Compiled DINO blocks and JBU stages (dense window logits): final features within the FeatUp tolerance."""
     if not inductor_works("cpu"):
