@@ -99,7 +99,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def find_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None) -> Path | None:
     """The checkpoint to resume from: None for None, the newest complete one (or None) for "latest", else the path.
 
-    An explicit path is taken as given if it is a folder, else inside `output_dir`; it must be complete.
+    An explicit name is looked up in `output_dir` first, then taken as a path; it must be complete.
     """
     if resume_from_checkpoint is None:
         return None
@@ -109,9 +109,9 @@ def find_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str |
             logger.info(f"no complete checkpoint in {output_dir}: starting from scratch")
             return None
         return checkpoints[-1]
-    path = Path(resume_from_checkpoint)
+    path = Path(output_dir) / resume_from_checkpoint
     if not path.is_dir():
-        path = Path(output_dir) / resume_from_checkpoint
+        path = Path(resume_from_checkpoint)
     if not path.is_dir():
         names = [p.name for p in list_checkpoints(output_dir)]
         raise ValueError(f"resume_from_checkpoint {str(resume_from_checkpoint)!r}: no such checkpoint (neither a "
