@@ -401,6 +401,10 @@ def _kill_worker(root: Path, data_dir: str) -> None:
     probe = _Probe()
     probe.install()
     script = _load(SCRIPT, "train_met3r_finetune")
+    # what every run imports lazily (the tiny models, LoRA, the validation scheduler, the LoRA saver), imported once
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: F401
 
     def child(output_dir, kill_at=0, torn=False, *extra):
         pid = os.fork()
