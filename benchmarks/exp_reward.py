@@ -11,7 +11,8 @@ Procedure (CPU, tiny components, toy data; every number printed comes from this 
 4. sample the same prompts with the same seeds (DDIM, classifier-free guidance, as in training) from the base and
    every fine-tuned UNet and report (a) the optimised metric, (b) consistency measures that were not optimised
    (the toy metric with other random features; MEt3R's pipeline on plane geometry with other features and the
-   mse distance), (c) image statistics next to those of the real toy views and the diffusion loss on held-out scenes;
+   mse distance), (c) image statistics and the mean pixel difference of adjacent views next to those of the real
+   toy views, and the diffusion loss on held-out scenes;
 5. time and peak memory (the child process's peak RSS) per training step for K = 1, 2, 4.
 
     python benchmarks/exp_reward.py
@@ -136,6 +137,9 @@ def measure(views, metrics: dict) -> dict:
             scores = metric(views, pairs="adjacent").score
         row[name] = float(scores[torch.isfinite(scores)].mean())
     row.update({k: float(v.mean()) for k, v in image_statistics(views).items()})
+    # how different adjacent views are (mean absolute pixel difference): 0 for identical views, a collapse that
+    # every consistency measure rewards
+    row["view_difference"] = float((views[:, 1:] - views[:, :-1]).abs().mean())
     return row
 
 
@@ -143,7 +147,7 @@ def time_per_step(data_dir: Path, base: Path, work: Path, k: int, options) -> di
     """Run a few reward steps with K = k in a child process: median seconds per step (first excluded), peak RSS."""
     output = work / f"timing_k{k}"
     code = (
-        "import json, sys, torch; torch.set_num_threads(2); sys.path.insert(0, %r)\n"
+        "import json, sys, torch; torch.set_num_threads(1); sys.path.insert(0, %r)\n"
         "import exp_reward; s = exp_reward.load_script('train_met3r_reward')\n"
         "r = s.main(s.parse_args(json.loads(sys.argv[1])))\n"
         "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
@@ -156,7 +160,7 @@ def time_per_step(data_dir: Path, base: Path, work: Path, k: int, options) -> di
             "--met3r_kwargs", '{"shift": 1}', "--report_to", "none", "--checkpointing_steps", "100000",
             "--num_validation_prompts", "0"]
     result = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True,
-                            check=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                            check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     report = json.loads(result.stdout.strip().splitlines()[-1])
     return {"K": k, "seconds": statistics.median(report["seconds"][1:]), "peak_mib": report["peak_kib"] / 1024}
 
@@ -167,17 +171,17 @@ def main() -> None:
     parser.add_argument("--num_scenes", type=int, default=16)
     parser.add_argument("--num_views", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--vae_steps", type=int, default=1000)
-    parser.add_argument("--base_steps", type=int, default=1000)
-    parser.add_argument("--reward_steps", type=int, default=100)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--vae_steps", type=int, default=600)
+    parser.add_argument("--base_steps", type=int, default=600)
+    parser.add_argument("--reward_steps", type=int, default=80)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--truncation_steps", type=int, default=2, help="K of the fine-tuning runs")
-    parser.add_argument("--num_inference_steps", type=int, default=10)
+    parser.add_argument("--num_inference_steps", type=int, default=8)
     parser.add_argument("--cfg_scale", type=float, default=2.0)
-    parser.add_argument("--kl_weight", type=float, default=1.0, help="the guarded runs' --kl_weight")
+    parser.add_argument("--kl_weight", type=float, default=10.0, help="the guarded runs' --kl_weight")
     parser.add_argument("--diffusion_loss_weight", type=float, default=1.0)
     parser.add_argument("--num_eval_seeds", type=int, default=2, help="fixed seeds per evaluation prompt")
-    parser.add_argument("--timing_steps", type=int, default=6)
+    parser.add_argument("--timing_steps", type=int, default=4)
     options = parser.parse_args()
 
     import torch
@@ -186,7 +190,7 @@ def main() -> None:
     from met3r_diffusers.data import MultiViewFolderDataset, make_toy_multiview_dataset
     from met3r_diffusers.testing import FeatureConsistencyMetric, tiny_met3r, tiny_training_components
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     start = time.perf_counter()
     finetune, reward_script = load_script("train_met3r_finetune"), load_script("train_met3r_reward")
     work = Path(options.work_dir or tempfile.mkdtemp(prefix="met3r-reward-exp-"))
@@ -267,12 +271,12 @@ def main() -> None:
           f"cfg {options.cfg_scale:g}, K = {options.truncation_steps}); evaluation on {len(eval_prompts)} fixed-seed "
           f"samples ({options.num_eval_seeds} seeds x 8 prompts); CPU: {cpu}, {torch.get_num_threads()} threads")
     print("| model | optimised metric ↓ | toy, other features ↓ | MEt3R plane/mse ↓ | contrast | saturation | "
-          "mean RGB | held-out diffusion loss |")
-    print("|---|---|---|---|---|---|---|---|")
+          "mean RGB | adjacent-view difference | held-out diffusion loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['optimised']:.4f} | {row['toy, other features']:.4f} | {row['MEt3R plane/mse']:.4f} "
               f"| {row['contrast']:.4f} | {row['saturation']:.4f} | {row['mean_red']:.3f} / {row['mean_green']:.3f} / "
-              f"{row['mean_blue']:.3f} | {row['heldout']:.4f} |")
+              f"{row['mean_blue']:.3f} | {row['view_difference']:.4f} | {row['heldout']:.4f} |")
     print("\n| run | reward, step 1 -> last | KL at last step | contrast in training, step 1 -> last | time (s) |")
     print("|---|---|---|---|---|")
     for name, run in trained.items():
