@@ -31,7 +31,7 @@ from .metric import MEt3R, MEt3ROutput
 from .pairs import PairSpec, resolve_pairs
 
 __all__ = [
-    "PLANE_FOCAL", "TINY_MAST3R", "FeatureConsistencyMetric", "PlaneGeometry", "TinyFeatures", "plane_points",
+    "PLANE_FOCAL", "TINY_MAST3R", "TINY_TRAINING_VAE_SCALE_FACTOR", "FeatureConsistencyMetric", "PlaneGeometry", "TinyFeatures", "plane_points",
     "tiny_clip_tokenizer", "tiny_met3r", "tiny_sd_components", "tiny_text_encoder", "tiny_training_components",
     "tiny_unet", "tiny_vae",
 ]
@@ -42,6 +42,7 @@ TINY_MAST3R = {
     "dec_num_heads": 2, "img_size": (64, 64),
 }
 PLANE_FOCAL = 40.0  # pixels; the plane's points lie on the rays of a pinhole with this focal
+TINY_TRAINING_VAE_SCALE_FACTOR = 4  # tiny_training_components' VAE: three levels, 4x down-sampling
 
 
 # ----------------------------------------------------------------------------- metric stand-ins

@@ -41,7 +41,7 @@ from met3r_diffusers.data import MultiViewFolderDataset, collate_multiview
 from met3r_diffusers.diffusion import ViewLayout, decode_views, predict_x0
 from met3r_diffusers.evaluation import MEt3REvalHook
 from met3r_diffusers.loss import MEt3RLoss
-from met3r_diffusers.testing import tiny_training_components
+from met3r_diffusers.testing import TINY_TRAINING_VAE_SCALE_FACTOR, tiny_training_components
 from met3r_diffusers.training_utils import (
     epoch_dataloader,
     find_checkpoint,
@@ -56,7 +56,6 @@ logger = get_logger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-TINY_VAE_SCALE_FACTOR = 4  # tiny_training_components' VAE down-samples 4x
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")
 
@@ -210,7 +209,7 @@ def resolve_factory(factory: str) -> Callable:
 def _check_resolution(args: argparse.Namespace, image_size: tuple[int, int]) -> None:
     """Training and regulariser sizes must be multiples of the VAE's down-sampling (read from its config only)."""
     if args.tiny_test_model:
-        factor = TINY_VAE_SCALE_FACTOR
+        factor = TINY_TRAINING_VAE_SCALE_FACTOR
     else:
         from diffusers import AutoencoderKL
 
