@@ -34,6 +34,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from .loss import call_metric
 from .pairs import PairSpec, resolve_pairs
+from .validation import check_finite
 
 __all__ = ["MEt3REvalHook", "MEt3REvaluator", "MEt3RMetric"]
 
@@ -44,6 +45,7 @@ class MEt3RMetric(Metric):
     Args:
         metric: a `MEt3R` (or a callable with its signature and output fields).
         pairs: view pairs scored in every batch (every batch must give the same number of pairs).
+        min_overlap: pairs whose overlap fraction is below it count as empty (see `MEt3R.forward`).
         kwargs: torchmetrics `Metric` options (`dist_sync_on_step`, `sync_on_compute`, ...).
 
     `compute()` returns "score" (mean over samples, leaving out samples whose pairs all lack overlap),
@@ -55,8 +57,11 @@ class MEt3RMetric(Metric):
     is_differentiable = True
     full_state_update = False
 
-    def __init__(self, metric: Callable[..., Any], pairs: PairSpec = None, **kwargs: Any):
+    def __init__(
+        self, metric: Callable[..., Any], pairs: PairSpec = None, min_overlap: float | None = None, **kwargs: Any
+    ):
         super().__init__(**kwargs)
+        self.min_overlap = check_finite("min_overlap", min_overlap, minimum=0, optional=True)
         if not callable(metric):
             raise TypeError(f"metric must be callable, got {type(metric).__name__}")
         # Held outside the module tree: its frozen weights stay out of this metric's state_dict (a checkpoint of
@@ -82,6 +87,8 @@ class MEt3RMetric(Metric):
         torchmetrics runs `update` without gradient, and `metric(images)` (its `forward`) with it: the batch's value
         is then differentiable w.r.t. the images (`is_differentiable`).
         """
+        if self.min_overlap is not None:
+            kwargs.setdefault("min_overlap", self.min_overlap)
         output = call_metric(self.metric, images, self.pairs, **kwargs)
         pair_scores = output.pair_scores.float().reshape(images.shape[0], -1)
         if self.pair_scores and pair_scores.shape[1] != self.pair_scores[0].shape[1]:

@@ -188,3 +188,12 @@ def test_load_image_size_is_checked(tmp_path, size):
         from met3r_diffusers.data import MultiViewFolderDataset
 
         MultiViewFolderDataset(tmp_path, num_views=2.5)
+
+
+def test_torchmetrics_metric_min_overlap():
+    evaluator = MEt3RMetric(tiny_met3r(), min_overlap=1.0)  # no pair covers every pixel: all count as empty
+    evaluator.update(_views(batch=2))
+    result = evaluator.compute()
+    assert result["num_empty"] == 2 and math.isnan(float(result["score"]))
+    with pytest.raises(ValueError, match="min_overlap"):
+        MEt3RMetric(tiny_met3r(), min_overlap=math.nan)
