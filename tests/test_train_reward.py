@@ -70,7 +70,6 @@ def _logs(history):
     return [{k: v for k, v in row.items() if k != "step_seconds"} for row in history]
 
 
-@pytest.mark.slow
 def test_lora_run_kl_and_bit_exact_resume(toy_data, tmp_path):
     """2 steps straight == 1 step + resume + 1 step (weights, optimizer moments, logs, validation); KL 0 -> > 0."""
     common = ("--use_lora", "--checkpointing_steps", "1", "--validation_steps", "2", "--kl_weight", "1",
@@ -108,7 +107,6 @@ def test_lora_run_kl_and_bit_exact_resume(toy_data, tmp_path):
     assert resumed["validation"][-1]["score"] == straight["validation"][-1]["score"]
 
 
-@pytest.mark.slow
 def test_full_finetune_from_a_prompts_file(tmp_path):
     """No dataset: prompts from a file; the full UNet's KL against its frozen copy is 0 at step 1, then > 0."""
     prompts = tmp_path / "prompts.txt"
@@ -123,7 +121,6 @@ def test_full_finetune_from_a_prompts_file(tmp_path):
     assert json.loads((tmp_path / "out" / "unet" / "config.json").read_text())["sample_size"] == 4
 
 
-@pytest.mark.slow
 def test_samples_without_overlap_are_counted_and_harmless(toy_data, tmp_path):
     """Every pair empty: reward 0 and no gradient from it, counted in the logs; weights stay finite."""
     result = _run(*_args(toy_data, tmp_path, "--max_train_steps", "1", "--num_validation_prompts", "0",
@@ -155,7 +152,6 @@ def _tiny_sampler(truncation_steps, empty_pairs=()):
     return kept, grads, kl
 
 
-@pytest.mark.slow
 def test_gradient_reaches_the_earlier_denoiser_calls():
     """K = 3 of 3 calls keep their graph: each gets a gradient, the parameters' gradient differs from K = 1's."""
     kept, grads, kl = _tiny_sampler(3)
