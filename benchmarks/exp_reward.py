@@ -166,6 +166,7 @@ def time_per_step(data_dir: Path, base: Path, work: Path, k: int, options) -> di
 
 
 def main() -> None:
+    """Run the experiment and print its tables (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", type=str, default=None, help="default: a temporary folder (deleted)")
     parser.add_argument("--num_scenes", type=int, default=16)
