@@ -545,7 +545,7 @@ def build_metric(args: argparse.Namespace) -> Any:
         return MEt3R(
             img_size=None, backbone=geometry, distance=args.distance, feature_backbone_weights=args.featup_weights,
             upsampler=args.upsampler, symmetric=args.symmetric, chunk_size=args.chunk_size or None,
-            cache_dir=args.cache_dir, local_files_only=args.local_files_only or None,
+            cache_dir=args.cache_dir, local_files_only=args.local_files_only or None, compile=args.compile,
         )
     except (FileNotFoundError, OSError, RuntimeError) as error:
         message = (
@@ -966,6 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--bf16", action="store_true",
                        help="networks in bfloat16 under autocast: faster, half the memory; rendering and "
                             "score stay float32 (not bit-comparable with float32)")
+    score.add_argument("--compile", action="store_true",
+                       help="torch.compile the network blocks (opt-in; minutes of compilation first, same scores "
+                            "within float rounding; eager with a warning where inductor cannot run)")
     score.add_argument("--metric-factory", default=os.environ.get(FACTORY_ENV), metavar="MODULE:CALLABLE",
                        help=f"for tests and custom metrics: a zero-argument callable returning a metric with MEt3R's "
                             f"call signature, used instead of the weights' arguments (env {FACTORY_ENV})")

@@ -175,3 +175,21 @@ def test_offline_without_weights_explains_how_to_provide_them(tmp_path):
     assert result.returncode == 1
     assert "could not load the MEt3R weights" in result.stderr and "--backbone-weights" in result.stderr
     assert "naver/MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric" in result.stderr
+
+
+def test_compile_flag_reaches_the_metric(weights, monkeypatch):
+    import met3r_diffusers.metric as metric_module
+
+    seen = {}
+    original = metric_module.MEt3R
+
+    class Recording(original):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(metric_module, "MEt3R", Recording)
+    for flag, expected in ((["--compile"], True), ([], False)):
+        args = cli.build_parser().parse_args(_args(weights, *flag, "unused"))
+        metric = cli.build_metric(args)
+        assert seen["compile"] is expected and metric.config.compile is expected
