@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: stand-in networks, memory probes, matmul-rate floors, FLOP counts.
+"""Helpers shared by the benchmarks: stand-in networks, memory probes, matmul-rate floors, FLOP counts, and for the
+training experiments (exp_*.py) their command line, the training scripts as modules and a VAE fit.
 
 The development machines are shared, so a time alone says little. Every benchmark therefore
 measures the machine's matrix-product rate (float32 and bf16) in the same process right before
@@ -7,6 +8,7 @@ no implementation of the same arithmetic can beat at that moment) and the ratio 
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import importlib.util
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from met3r_diffusers.models import DinoFeatUp, DUSt3R, MASt3R
 from met3r_diffusers.models.compile import compile_units
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get("MET3R_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity"))
 MANIFESTS = {"mast3r": "mast3r_vitl_512_catmlpdpt_metric", "dust3r": "dust3r_vitl_512_dpt"}
 PROBE_DTYPES = (torch.float32, torch.bfloat16)
@@ -162,3 +166,49 @@ def compile_in_place(module: torch.nn.Module) -> int:
     if count == 0:
         print("    torch.compile unavailable here: the 'compiled' rows run eager (see the warning above)")
     return count
+
+
+# ----------------------------------------------------------------------------- training experiments
+
+
+def load_training_script(name: str) -> ModuleType:
+    """Import one of the training scripts (training/<name>.py) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def experiment_parser(description: str, vae_steps: int) -> argparse.ArgumentParser:
+    """The options every training experiment has: work folder, toy data size, VAE and base-model steps."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--work_dir", type=str, default=None, help="default: a temporary folder (deleted)")
+    parser.add_argument("--num_scenes", type=int, default=16)
+    parser.add_argument("--num_views", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--vae_steps", type=int, default=vae_steps)
+    parser.add_argument("--base_steps", type=int, default=600)
+    return parser
+
+
+def fit_vae(vae: torch.nn.Module, images: torch.Tensor, steps: int, seed: int) -> float:
+    """Fit the tiny VAE to images (N, 3, H, W) (MSE + a small KL term); sets its scaling_factor to 1 / latent std;
+    returns the reconstruction MSE."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    vae.train()
+    for _ in tqdm(range(steps), desc="VAE"):
+        batch = images[torch.randint(len(images), (32,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample(generator)).sample, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        vae.register_to_config(scaling_factor=float(1 / posterior.mean.std()))
+        return F.mse_loss(vae.decode(posterior.mean).sample, images).item()

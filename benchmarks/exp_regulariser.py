@@ -16,69 +16,19 @@ Procedure (CPU, tiny random components, toy data; every number printed comes fro
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    path = REPO_ROOT / "training" / "train_met3r_finetune.py"
-    spec = importlib.util.spec_from_file_location("train_met3r_finetune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def _train_vae(vae, data_dir: Path, steps: int, seed: int) -> float:
-    """Fit the tiny VAE to the toy views (MSE + a small KL term); sets its scaling_factor to 1 / latent std."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from met3r_diffusers.data import MultiViewFolderDataset
-
-    dataset = MultiViewFolderDataset(data_dir)
-    images = torch.cat([dataset[k]["pixel_values"] for k in range(len(dataset))])  # (N*V, 3, H, W)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    vae.train()
-    for _ in tqdm(range(steps), desc="VAE"):
-        batch = images[torch.randint(len(images), (32,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample(generator)).sample, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    vae.eval()
-    with torch.no_grad():
-        posterior = vae.encode(images).latent_dist
-        error = F.mse_loss(vae.decode(posterior.mean).sample, images).item()
-        vae.register_to_config(scaling_factor=float(1 / posterior.mean.std()))
-    return error
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import experiment_parser, fit_vae, load_training_script
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work_dir", type=str, default=None, help="default: a temporary folder (deleted)")
-    parser.add_argument("--num_scenes", type=int, default=16)
-    parser.add_argument("--num_views", type=int, default=3)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--vae_steps", type=int, default=1500)
-    parser.add_argument("--base_steps", type=int, default=600)
+    parser = experiment_parser(__doc__.split("\n\n")[0], vae_steps=1500)
     parser.add_argument("--finetune_steps", type=int, default=200)
     parser.add_argument("--met3r_weight", type=float, default=1.0, help="λ of the regularised run")
     parser.add_argument("--max_timestep", type=int, default=600)
@@ -91,17 +41,17 @@ def main() -> None:
 
     import torch
 
-    from met3r_diffusers.data import make_toy_multiview_dataset
-    from met3r_diffusers.testing import tiny_training_components
+    from met3r_diffusers.data import MultiViewFolderDataset, make_toy_multiview_dataset
+    from met3r_diffusers.testing import reset_accelerate_state, tiny_training_components
 
     torch.set_num_threads(2)
-    script = _script()
+    script = load_training_script("train_met3r_finetune")
     work = Path(options.work_dir or tempfile.mkdtemp(prefix="met3r-exp-"))
     data_dir = make_toy_multiview_dataset(work / "data", num_scenes=options.num_scenes, num_views=options.num_views,
                                           resolution=options.resolution, seed=0)
 
     def run(output_dir: Path, *extra: str) -> dict:
-        _reset_accelerate()
+        reset_accelerate_state()
         argv = ["--train_data_dir", str(data_dir), "--output_dir", str(output_dir), "--train_batch_size", "2",
                 "--learning_rate", "3e-4", "--report_to", "none", "--checkpointing_steps", "100000",
                 "--num_validation_samples", str(options.num_validation_samples), "--validation_inference_steps", "20",
@@ -115,7 +65,9 @@ def main() -> None:
     # 2. the base model: tiny components saved as a local diffusers folder, then pre-trained with λ = 0
     base = work / "base"
     components = tiny_training_components(options.resolution, options.num_views, seed=0, prediction_type="epsilon")
-    vae_error = _train_vae(components["vae"], data_dir, options.vae_steps, seed=0)
+    dataset = MultiViewFolderDataset(data_dir)
+    images = torch.cat([dataset[k]["pixel_values"] for k in range(len(dataset))])  # (N*V, 3, H, W)
+    vae_error = fit_vae(components["vae"], images, options.vae_steps, seed=0)
     print(f"VAE: {options.vae_steps} steps, reconstruction MSE {vae_error:.4f} (images in [-1, 1])")
     for name, component in components.items():
         component.save_pretrained(base / name)

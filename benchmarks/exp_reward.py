@@ -20,7 +20,6 @@ Procedure (CPU, tiny components, toy data; every number printed comes from this 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -32,48 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import experiment_parser, fit_vae, load_training_script
+
 OPTIMISED = "met3r_diffusers.testing:FeatureConsistencyMetric"
-
-
-def load_script(name: str):
-    """Import one of the training scripts as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def reset_accelerate() -> None:
-    """A fresh Accelerate singleton state for the next in-process run."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def fit_vae(vae, images, steps: int, seed: int) -> float:
-    """Fit the tiny VAE to images (N, 3, H, W) (MSE + a small KL term); sets scaling_factor; returns the recon. MSE."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    vae.train()
-    for _ in tqdm(range(steps), desc="VAE"):
-        batch = images[torch.randint(len(images), (32,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample(generator)).sample, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    vae.eval()
-    with torch.no_grad():
-        posterior = vae.encode(images).latent_dist
-        vae.register_to_config(scaling_factor=float(1 / posterior.mean.std()))
-        return F.mse_loss(vae.decode(posterior.mean).sample, images).item()
 
 
 def sample(script, unet, parts: dict, prompts: list[str], seeds: list[int], options) -> "torch.Tensor":
@@ -148,7 +109,7 @@ def time_per_step(data_dir: Path, base: Path, work: Path, k: int, options) -> di
     output = work / f"timing_k{k}"
     code = (
         "import json, sys, torch; torch.set_num_threads(1); sys.path.insert(0, %r)\n"
-        "import exp_reward; s = exp_reward.load_script('train_met3r_reward')\n"
+        "from common import load_training_script; s = load_training_script('train_met3r_reward')\n"
         "r = s.main(s.parse_args(json.loads(sys.argv[1])))\n"
         "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
         "print(json.dumps({'seconds': [h['step_seconds'] for h in r['history']], 'peak_kib': int(peak)}))\n"
@@ -167,13 +128,7 @@ def time_per_step(data_dir: Path, base: Path, work: Path, k: int, options) -> di
 
 def main() -> None:
     """Run the experiment and print its tables (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work_dir", type=str, default=None, help="default: a temporary folder (deleted)")
-    parser.add_argument("--num_scenes", type=int, default=16)
-    parser.add_argument("--num_views", type=int, default=3)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--vae_steps", type=int, default=600)
-    parser.add_argument("--base_steps", type=int, default=600)
+    parser = experiment_parser(__doc__.split("\n\n")[0], vae_steps=600)
     parser.add_argument("--reward_steps", type=int, default=80)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--truncation_steps", type=int, default=2, help="K of the fine-tuning runs")
@@ -189,11 +144,16 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from met3r_diffusers.data import MultiViewFolderDataset, make_toy_multiview_dataset
-    from met3r_diffusers.testing import FeatureConsistencyMetric, tiny_met3r, tiny_training_components
+    from met3r_diffusers.testing import (
+        FeatureConsistencyMetric,
+        reset_accelerate_state,
+        tiny_met3r,
+        tiny_training_components,
+    )
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    finetune, reward_script = load_script("train_met3r_finetune"), load_script("train_met3r_reward")
+    finetune, reward_script = load_training_script("train_met3r_finetune"), load_training_script("train_met3r_reward")
     work = Path(options.work_dir or tempfile.mkdtemp(prefix="met3r-reward-exp-"))
     data_dir = make_toy_multiview_dataset(work / "data", num_scenes=options.num_scenes, num_views=options.num_views,
                                           resolution=options.resolution, seed=0)
@@ -209,7 +169,7 @@ def main() -> None:
     vae_error = fit_vae(parts["vae"], real_views.flatten(0, 1), options.vae_steps, seed=0)
     for name, component in parts.items():
         component.save_pretrained(base / name)
-    reset_accelerate()
+    reset_accelerate_state()
     finetune.main(finetune.parse_args([
         "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data_dir), "--output_dir",
         str(work / "pretrain"), "--met3r_weight", "0", "--max_train_steps", str(options.base_steps),
@@ -228,7 +188,7 @@ def main() -> None:
     for name, weights in runs.items():
         if weights is None:
             continue
-        reset_accelerate()
+        reset_accelerate_state()
         run_start = time.perf_counter()
         result = reward_script.main(reward_script.parse_args([
             "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data_dir), "--output_dir",

@@ -12,6 +12,7 @@ Metric stand-ins:
 diffusers stand-ins (need the `diffusers` extra): `tiny_clip_tokenizer`, `tiny_text_encoder`, `tiny_vae`,
 `tiny_unet`, `tiny_sd_components` (a 32x32 StableDiffusionPipeline) and `tiny_training_components` (the training
 scripts' `--tiny_test_model`). Every builder seeds torch's global RNG itself, so its weights are reproducible.
+`reset_accelerate_state` lets one process run a training script several times (tests, experiments).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .pairs import PairSpec, resolve_pairs
 __all__ = [
     "PLANE_FOCAL", "TINY_MAST3R", "TINY_TRAINING_VAE_SCALE_FACTOR", "FeatureConsistencyMetric", "PlaneGeometry", "TinyFeatures", "plane_points",
     "tiny_clip_tokenizer", "tiny_met3r", "tiny_sd_components", "tiny_text_encoder", "tiny_training_components",
-    "tiny_unet", "tiny_vae",
+    "reset_accelerate_state", "tiny_unet", "tiny_vae",
 ]
 
 # Constructor arguments of a tiny MASt3R (the parity fixtures' `mast3r_tiny_catmlpdpt` config, 64x64 images).
@@ -257,3 +258,12 @@ def tiny_training_components(
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type or "epsilon")
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tiny_clip_tokenizer(model_max_length=32),
             "scheduler": scheduler}
+
+
+def reset_accelerate_state() -> None:
+    """Clear Accelerate's singleton states, so that the next in-process training run starts from scratch."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

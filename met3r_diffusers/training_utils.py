@@ -9,37 +9,65 @@ complete `checkpoint-<int>`; `load_checkpoint` restores the state and refuses a 
 The data order is a pure function of (seed, epoch): `epoch_dataloader` builds the loader of one epoch, sharded over
 the processes and with the batches already consumed skipped, and draws nothing from the global RNGs, so that
 restoring the RNG states of a checkpoint is enough for the rest of the run to be bit-identical.
+
+The rest is the scaffolding both training scripts share: their common command-line options and checks, the metric
+factory (`load_metric`), pretrained component loading, the Accelerator, optimizer and trackers, text embeddings and
+view labels, validation logging and the final weights.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .validation import check_positive_int
+from .validation import check_finite, check_positive_int
 
 __all__ = [
     "CHECKPOINT_MARKER",
+    "LORA_TARGET_MODULES",
+    "LR_SCHEDULERS",
+    "PREDICTION_TYPES",
+    "add_model_arguments",
+    "add_metric_arguments",
+    "add_optimisation_arguments",
+    "add_tracking_arguments",
     "checkpoint_step",
     "epoch_batches",
     "epoch_dataloader",
     "find_checkpoint",
+    "finish_training",
+    "init_trackers",
     "is_complete_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_metric",
+    "load_pretrained_components",
+    "make_accelerator",
+    "make_optimizer",
+    "prepare_components",
     "preserved_rng_state",
+    "resolve_factory",
     "resume_position",
+    "run_validation",
     "save_checkpoint",
+    "save_weights",
+    "text_embeddings",
+    "validate_training_args",
+    "view_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -329,3 +357,290 @@ def resume_position(global_step: int, num_update_steps_per_epoch: int, gradient_
     check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     epoch, updates = divmod(global_step, num_update_steps_per_epoch)
     return epoch, updates * gradient_accumulation_steps
+
+
+# ----------------------------------------------------------------------------- command line of the scripts
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The "model" option group: pretrained folder or tiny test model, prediction type, LoRA."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="diffusers model folder or hub id with unet/, vae/, scheduler/ and optionally "
+                            "text_encoder/ + tokenizer/ sub-folders")
+    model.add_argument("--revision", type=str, default=None)
+    model.add_argument("--tiny_test_model", action="store_true",
+                       help="tiny random UNet/VAE/CLIP built from configs (tests, CPU smoke runs; no download)")
+    model.add_argument("--prediction_type", type=str, default=None,
+                       help=f"one of {PREDICTION_TYPES}; default: the scheduler's")
+    model.add_argument("--use_lora", action="store_true", help="train LoRA adapters (peft) instead of the full UNet")
+    model.add_argument("--lora_rank", type=int, default=4)
+
+
+def add_metric_arguments(group: argparse._ArgumentGroup) -> None:
+    """The metric options of `group`: --met3r_factory, --met3r_kwargs, --met3r_pairs, --met3r_chunk_size."""
+    group.add_argument("--met3r_factory", type=str, default="met3r_diffusers:MEt3R",
+                       help="'module:callable' or 'path/to/file.py:callable' returning the metric")
+    group.add_argument("--met3r_kwargs", type=str, default="{}", help="JSON keyword arguments for --met3r_factory")
+    group.add_argument("--met3r_pairs", type=str, default="adjacent", choices=["adjacent", "all", "reference"])
+    group.add_argument("--met3r_chunk_size", type=int, default=None, help="samples per metric call")
+
+
+def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str, max_train_steps: int) -> None:
+    """The "optimisation" option group (output folder, seed, steps, AdamW, LR schedule, mixed precision)."""
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--output_dir", type=str, default=output_dir)
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--max_train_steps", type=int, default=max_train_steps)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--lr_scheduler", type=str, default="constant",
+                       help="any of diffusers.optimization's schedules: constant, linear, cosine, ...")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser, checkpointing_steps: int) -> argparse._ArgumentGroup:
+    """The "logging, checkpoints, validation" option group; returned for the script's own validation options."""
+    track = parser.add_argument_group("logging, checkpoints, validation")
+    track.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none")
+    track.add_argument("--logging_dir", type=str, default="logs", help="inside output_dir")
+    track.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
+    track.add_argument("--checkpoints_total_limit", type=int, default=None)
+    track.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="a checkpoint-N folder (in output_dir) or path, or 'latest': the newest complete one "
+                            "(none yet: start from scratch)")
+    track.add_argument("--validation_steps", type=int, default=0,
+                       help="run the MEt3R evaluation hook every N steps (0: only at the end)")
+    track.add_argument("--validation_batch_size", type=int, default=1)
+    track.add_argument("--validation_seed", type=int, default=0)
+    return track
+
+
+def validate_training_args(args: argparse.Namespace) -> None:
+    """Check the options of the `add_*_arguments` groups before any model is loaded (a ValueError naming the option)."""
+    check_finite("--learning_rate", args.learning_rate, minimum=0)
+    check_finite("--adam_weight_decay", args.adam_weight_decay, minimum=0)
+    check_finite("--adam_epsilon", args.adam_epsilon, minimum=0)
+    check_finite("--max_grad_norm", args.max_grad_norm, minimum=0)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= check_finite(f"--{name}", getattr(args, name)) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a folder")
+    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"--prediction_type must be one of {PREDICTION_TYPES}, got {args.prediction_type!r}")
+    if (args.pretrained_model_name_or_path is None) == (not args.tiny_test_model):
+        raise ValueError("pass exactly one of --pretrained_model_name_or_path and --tiny_test_model")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {args.lr_scheduler!r}")
+    for name in ("max_train_steps", "gradient_accumulation_steps", "train_batch_size", "checkpointing_steps",
+                 "validation_batch_size", "lora_rank"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("seed", "lr_warmup_steps", "validation_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("num_views", "resolution", "met3r_chunk_size", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_views is not None and args.num_views < 2:
+        raise ValueError(f"--num_views must be >= 2 (MEt3R scores pairs of views), got {args.num_views}")
+    factory = resolve_factory(args.met3r_factory)
+    try:
+        args.met3r_kwargs = json.loads(args.met3r_kwargs) if isinstance(args.met3r_kwargs, str) else args.met3r_kwargs
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--met3r_kwargs is not valid JSON: {error}") from None
+    if not isinstance(args.met3r_kwargs, dict):
+        raise ValueError(f"--met3r_kwargs must be a JSON object of keyword arguments, got {args.met3r_kwargs!r}")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no introspectable signature: the call itself will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**args.met3r_kwargs)
+        except TypeError as error:
+            raise ValueError(f"--met3r_kwargs do not fit --met3r_factory {args.met3r_factory!r}: {error}") from None
+
+
+# ----------------------------------------------------------------------------- components of the scripts
+
+
+def resolve_factory(factory: str) -> Callable:
+    """The callable named by 'module:callable' or 'path/to/file.py:callable' (ValueError naming --met3r_factory)."""
+    module_name, _, attribute = factory.rpartition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--met3r_factory must look like 'module:callable', got {factory!r}")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise FileNotFoundError(f"no such file {module_name!r}")
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError) as error:
+        raise ValueError(f"--met3r_factory {factory!r}: cannot load {module_name!r} ({error})") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"--met3r_factory {factory!r}: {module_name!r} has no callable {attribute!r}")
+    return function
+
+
+def load_metric(factory: str, kwargs: dict[str, Any]) -> Any:
+    """Build the metric from 'module:callable' or 'path/to/file.py:callable'."""
+    return resolve_factory(factory)(**kwargs)
+
+
+def load_pretrained_components(
+    path: str, revision: str | None = None, scheduler_class: type | None = None, prediction_type: str | None = None
+) -> dict[str, Any]:
+    """UNet, VAE, scheduler (`scheduler_class`, default DDPMScheduler; `prediction_type` set if given) and, where the
+    model has them, CLIP text encoder + tokenizer (else None: the UNet is conditioned on a zero text embedding)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    scheduler_class = scheduler_class or DDPMScheduler
+    components = {
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision),
+        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision),
+        "scheduler": scheduler_class.from_pretrained(path, subfolder="scheduler", revision=revision),
+        "text_encoder": None,
+        "tokenizer": None,
+    }
+    if prediction_type is not None:
+        components["scheduler"].register_to_config(prediction_type=prediction_type)
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        components["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+        components["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
+    except OSError:
+        logger.info("no tokenizer/text_encoder: the UNet is conditioned on a zero text embedding")
+    return components
+
+
+def make_accelerator(args: argparse.Namespace, gradient_accumulation_steps: int = 1) -> Any:
+    """The scripts' Accelerator (trackers in output_dir/logging_dir), INFO logging; fp16 on the CPU is refused."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("--mixed_precision fp16 needs a GPU (CPU autocast mixes float16 and float32 operands); "
+                         "use bf16 or no on the CPU")
+    return accelerator
+
+
+def prepare_components(
+    accelerator: Any, components: dict[str, Any], use_lora: bool, lora_rank: int
+) -> tuple[torch.dtype, list[torch.nn.Parameter]]:
+    """Freeze the VAE and text encoder in the mixed-precision dtype on the device, add LoRA adapters to the UNet if
+    `use_lora`; returns that dtype and the UNet's trainable parameters (kept in float32; autocast does the rest)."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    components["vae"].requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    if components["text_encoder"] is not None:
+        components["text_encoder"].requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    unet = components["unet"]
+    if use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGET_MODULES))
+    return weight_dtype, [p for p in unet.parameters() if p.requires_grad]
+
+
+def make_optimizer(
+    accelerator: Any, args: argparse.Namespace, parameters: list[torch.nn.Parameter]
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over `parameters` and the --lr_scheduler schedule (warm-up and length scaled by the process count)."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    return optimizer, lr_scheduler
+
+
+def init_trackers(accelerator: Any, project_name: str, args: argparse.Namespace) -> None:
+    """Start the trackers on the main process, with the plain (int, float, str, bool) options as their config."""
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(project_name, config=config)
+
+
+def text_embeddings(prompts: list[str], tokenizer: Any, text_encoder: Any, unet: Any,
+                    device: torch.device | str) -> torch.Tensor:
+    """(len(prompts), L, D) text embeddings (no gradient), or zeros (len(prompts), 1, cross_attention_dim) without a
+    text encoder."""
+    if text_encoder is None:
+        return torch.zeros(len(prompts), 1, unet.config.cross_attention_dim, device=device)
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def view_labels(unet: Any, batch: int, num_views: int, device: torch.device | str) -> torch.Tensor | None:
+    """View index of every batch entry (0..V-1 per sample) when the UNet takes class labels."""
+    if unet.config.num_class_embeds is None and unet.config.class_embed_type is None:
+        return None
+    return torch.arange(num_views, device=device).repeat(batch)
+
+
+# ----------------------------------------------------------------------------- validation and the end of a run
+
+
+def run_validation(accelerator: Any, hook: Any, step: int, output_dir: str | os.PathLike, force: bool = False) -> None:
+    """`hook(step)` (`hook.evaluate(step)` if `force`) without changing the RNG states; results are logged and
+    appended to output_dir/met3r_validation.jsonl by the main process."""
+    with preserved_rng_state():  # validation never changes the training's random numbers
+        results = hook.evaluate(step) if force else hook(step)
+    if results is not None and accelerator.is_main_process:
+        logger.info(f"step {step}: MEt3R {results['score']:.5f} {results['pair_scores']}")
+        with open(os.path.join(output_dir, "met3r_validation.jsonl"), "a") as f:
+            f.write(json.dumps({k: v for k, v in results.items() if not torch.is_tensor(v)}) + "\n")
+
+
+def finish_training(accelerator: Any, unet: Any, hook: Any, global_step: int, args: argparse.Namespace) -> None:
+    """End a run: the last validation (unless `global_step` just had one), the final weights, the trackers closed."""
+    accelerator.wait_for_everyone()
+    if hook is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
+        run_validation(accelerator, hook, global_step, args.output_dir, force=True)
+    if accelerator.is_main_process:
+        save_weights(unet, args.output_dir, args.use_lora)
+    accelerator.end_training()
+
+
+def save_weights(unet: Any, output_dir: str | os.PathLike, use_lora: bool) -> None:
+    """Final weights: LoRA layers (diffusers' pytorch_lora_weights.safetensors) or the full UNet (output_dir/unet)."""
+    if use_lora:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_layers, safe_serialization=True)
+    else:
+        unet.save_pretrained(os.path.join(output_dir, "unet"))

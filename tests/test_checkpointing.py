@@ -7,7 +7,6 @@ losses and validation score are compared bit for bit with an uninterrupted run.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _training_helpers import FINETUNE_SCRIPT as SCRIPT
+from _training_helpers import TOY_METRIC, load_script
 
 from met3r_diffusers.training_utils import (
     CHECKPOINT_MARKER,
@@ -36,20 +37,7 @@ from met3r_diffusers.training_utils import (
     save_checkpoint,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "training" / "train_met3r_finetune.py"
-TOY_METRIC = "met3r_diffusers.testing:FeatureConsistencyMetric"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run starts from a clean Accelerate singleton state."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _accelerator():
@@ -249,13 +237,6 @@ KILL_IDS = [f"before-{SECOND_SAVE[k].split('/')[-1].split()[-1]}-{k}" + ("-torn"
             for k, torn, _ in KILL_POINTS]
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _script_args(data_dir, output_dir, *extra):
     """3 steps, a checkpoint every step, at most 1 kept; LoRA, λ > 0, a random pair per step, validation at the end."""
     return [
@@ -400,7 +381,7 @@ def _kill_worker(root: Path, data_dir: str) -> None:
     kill point a run that SIGKILLs itself during the save at step 2 and a run resuming from `latest`."""
     probe = _Probe()
     probe.install()
-    script = _load(SCRIPT, "train_met3r_finetune")
+    script = load_script(SCRIPT, "train_met3r_finetune")
     # what every run imports lazily (the tiny models, LoRA, the validation scheduler, the LoRA saver), imported once
     import peft  # noqa: F401
     import transformers  # noqa: F401

@@ -1,43 +1,23 @@
 """The reward fine-tuning script (DRaFT-K) on tiny random components with the toy stand-in metric (CPU, no network)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
-from _parity import REPO_ROOT
+from _training_helpers import REWARD_SCRIPT, TOY_METRIC, checkpoint_state, load_script
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from met3r_diffusers.data import make_toy_multiview_dataset
 from met3r_diffusers.rewards import MEt3RReward
 from met3r_diffusers.testing import FeatureConsistencyMetric, tiny_unet
 
-SCRIPT = REPO_ROOT / "training" / "train_met3r_reward.py"
-TOY_METRIC = "met3r_diffusers.testing:FeatureConsistencyMetric"
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load(SCRIPT, "train_met3r_reward")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run starts from a clean Accelerate singleton state."""
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+train_script = load_script(REWARD_SCRIPT, "train_met3r_reward")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +36,6 @@ def _args(data_dir, output_dir, *extra):
 
 def _run(*argv):
     return train_script.main(train_script.parse_args(list(argv)))
-
-
-def _state(path):
-    state = {f"model.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
-    optimizer = torch.load(path / "optimizer.bin", weights_only=False)
-    for index, values in optimizer["state"].items():
-        state.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
-    return state
 
 
 def _logs(history):
@@ -100,7 +72,8 @@ def test_lora_run_kl_and_bit_exact_resume(toy_data, tmp_path):
                           *common))
     assert [row["step"] for row in resumed["history"]] == [2]
     assert _logs(resumed["history"]) == _logs(history[1:])
-    expected, actual = _state(tmp_path / "a" / "checkpoint-2"), _state(tmp_path / "b" / "checkpoint-2")
+    expected = checkpoint_state(tmp_path / "a" / "checkpoint-2")
+    actual = checkpoint_state(tmp_path / "b" / "checkpoint-2")
     assert expected.keys() == actual.keys() and any(".lora" in k for k in expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)

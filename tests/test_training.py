@@ -5,7 +5,6 @@ see `_hook_worker` at the bottom.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -14,12 +13,13 @@ import sys
 
 import pytest
 import torch
-from _parity import REPO_ROOT
+from _training_helpers import FINETUNE_SCRIPT as SCRIPT
+from _training_helpers import REPO_ROOT, TOY_METRIC, checkpoint_state, load_script
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from met3r_diffusers.data import make_toy_multiview_dataset
@@ -27,28 +27,10 @@ from met3r_diffusers.loss import MEt3RLoss, decode_views, predict_x0
 from met3r_diffusers.evaluation import MEt3REvalHook
 from met3r_diffusers.training_utils import CHECKPOINT_MARKER, is_complete_checkpoint
 
-SCRIPT = REPO_ROOT / "training" / "train_met3r_finetune.py"
-TOY_METRIC = "met3r_diffusers.testing:FeatureConsistencyMetric"
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load(SCRIPT, "train_met3r_finetune")
+train_script = load_script(SCRIPT, "train_met3r_finetune")
 from met3r_diffusers.testing import FeatureConsistencyMetric, tiny_training_components  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run starts from a clean Accelerate singleton state."""
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +52,7 @@ def _run(*argv):
 
 
 def _checkpoint(path):
-    state = {f"model.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
-    optimizer = torch.load(path / "optimizer.bin", weights_only=False)
-    for index, values in optimizer["state"].items():
-        state.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
-    scheduler = torch.load(path / "scheduler.bin", weights_only=False)
-    state["scheduler.last_epoch"] = torch.tensor(scheduler["last_epoch"])
-    return state
+    return checkpoint_state(path, with_scheduler=True)
 
 
 def test_lora_run_checkpoint_resume_identical(toy_data, tmp_path, one_thread):
@@ -108,15 +84,6 @@ def test_lora_run_checkpoint_resume_identical(toy_data, tmp_path, one_thread):
     # training did move the LoRA weights away from the checkpoint-2 state
     halfway = _checkpoint(tmp_path / "a" / "checkpoint-2")
     assert any(not torch.equal(halfway[k], expected[k]) for k in expected if ".lora_B" in k)
-
-
-@pytest.fixture
-def one_thread():
-    """Runs compared bit for bit use one thread (same arithmetic, and fast on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

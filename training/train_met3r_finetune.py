@@ -20,21 +20,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
-import importlib.util
-import inspect
-import json
-import logging
 import math
 import os
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from met3r_diffusers.data import MultiViewFolderDataset, collate_multiview
@@ -43,37 +35,38 @@ from met3r_diffusers.evaluation import MEt3REvalHook
 from met3r_diffusers.loss import MEt3RLoss
 from met3r_diffusers.testing import TINY_TRAINING_VAE_SCALE_FACTOR, tiny_training_components
 from met3r_diffusers.training_utils import (
+    LORA_TARGET_MODULES,  # noqa: F401 - the tests read it from the script
+    PREDICTION_TYPES,
+    add_metric_arguments,
+    add_model_arguments,
+    add_optimisation_arguments,
+    add_tracking_arguments,
     epoch_dataloader,
     find_checkpoint,
+    finish_training,
+    init_trackers,
     load_checkpoint,
-    preserved_rng_state,
+    load_metric,
+    load_pretrained_components,
+    make_accelerator,
+    make_optimizer,
+    prepare_components,
     resume_position,
+    run_validation,
     save_checkpoint,
+    text_embeddings,
+    validate_training_args,
+    view_labels,
 )
 from met3r_diffusers.validation import check_finite
 
 logger = get_logger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "piecewise_constant")
-
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Command line of the script (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                       help="diffusers model folder or hub id with unet/, vae/, scheduler/ and optionally "
-                            "text_encoder/ + tokenizer/ sub-folders")
-    model.add_argument("--revision", type=str, default=None)
-    model.add_argument("--tiny_test_model", action="store_true",
-                       help="tiny random UNet/VAE/CLIP built from configs (tests, CPU smoke runs; no download)")
-    model.add_argument("--prediction_type", type=str, default=None,
-                       help=f"one of {PREDICTION_TYPES}; default: the scheduler's")
-    model.add_argument("--use_lora", action="store_true", help="train LoRA adapters (peft) instead of the full UNet")
-    model.add_argument("--lora_rank", type=int, default=4)
+    add_model_arguments(parser)
 
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", type=str, required=True, help="folder of scene folders (see data.py)")
@@ -82,52 +75,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_batch_size", type=int, default=1, help="scenes per device batch")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--output_dir", type=str, default="met3r-finetune")
-    optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--max_train_steps", type=int, default=1000)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--lr_scheduler", type=str, default="constant",
-                       help="any of diffusers.optimization's schedules: constant, linear, cosine, ...")
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    add_optimisation_arguments(parser, output_dir="met3r-finetune", max_train_steps=1000)
 
     met3r = parser.add_argument_group("MEt3R regulariser")
     met3r.add_argument("--met3r_weight", type=float, default=0.1, help="λ; 0 trains with the diffusion loss only")
     met3r.add_argument("--met3r_max_timestep", type=int, default=None,
                        help="timestep gate: only samples with t <= this get the MEt3R term (default: all)")
-    met3r.add_argument("--met3r_pairs", type=str, default="adjacent", choices=["adjacent", "all", "reference"])
     met3r.add_argument("--met3r_num_pairs", type=int, default=None, help="random subset of pairs per step")
     met3r.add_argument("--met3r_resolution", type=int, default=None,
                        help="decode x0 at this size for the regulariser (default: the training resolution)")
-    met3r.add_argument("--met3r_chunk_size", type=int, default=None, help="samples per metric call")
     met3r.add_argument("--vae_gradient_checkpointing", action="store_true",
                        help="recompute the VAE decoder in the backward pass of the regulariser")
-    met3r.add_argument("--met3r_factory", type=str, default="met3r_diffusers:MEt3R",
-                       help="'module:callable' or 'path/to/file.py:callable' returning the metric")
-    met3r.add_argument("--met3r_kwargs", type=str, default="{}", help="JSON keyword arguments for --met3r_factory")
+    add_metric_arguments(met3r)
 
-    track = parser.add_argument_group("logging, checkpoints, validation")
-    track.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none")
-    track.add_argument("--logging_dir", type=str, default="logs", help="inside output_dir")
-    track.add_argument("--checkpointing_steps", type=int, default=500)
-    track.add_argument("--checkpoints_total_limit", type=int, default=None)
-    track.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="a checkpoint-N folder (in output_dir) or path, or 'latest': the newest complete one "
-                            "(none yet: start from scratch)")
-    track.add_argument("--validation_steps", type=int, default=0,
-                       help="run the MEt3R evaluation hook every N steps (0: only at the end)")
+    track = add_tracking_arguments(parser, checkpointing_steps=500)
     track.add_argument("--num_validation_samples", type=int, default=4,
                        help="validation inputs: the prompts of the first N scenes (0 disables validation)")
     track.add_argument("--validation_inference_steps", type=int, default=20)
-    track.add_argument("--validation_batch_size", type=int, default=1)
-    track.add_argument("--validation_seed", type=int, default=0)
 
     args = parser.parse_args(input_args)
     validate_args(args)
@@ -137,73 +101,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 def validate_args(args: argparse.Namespace) -> None:
     """Fail fast, before any model is loaded, on configuration errors (a ValueError naming the option)."""
     check_finite("--met3r_weight (λ)", args.met3r_weight, minimum=0)
-    check_finite("--learning_rate", args.learning_rate, minimum=0)
-    check_finite("--adam_weight_decay", args.adam_weight_decay, minimum=0)
-    check_finite("--adam_epsilon", args.adam_epsilon, minimum=0)
-    check_finite("--max_grad_norm", args.max_grad_norm, minimum=0)
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= check_finite(f"--{name}", getattr(args, name)) < 1:
-            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if not os.path.isdir(args.train_data_dir):
-        raise ValueError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a folder")
-    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"--prediction_type must be one of {PREDICTION_TYPES}, got {args.prediction_type!r}")
-    if (args.pretrained_model_name_or_path is None) == (not args.tiny_test_model):
-        raise ValueError("pass exactly one of --pretrained_model_name_or_path and --tiny_test_model")
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        raise ValueError(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {args.lr_scheduler!r}")
-    for name in ("max_train_steps", "gradient_accumulation_steps", "train_batch_size", "checkpointing_steps",
-                 "validation_inference_steps", "validation_batch_size", "lora_rank"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("seed", "lr_warmup_steps", "dataloader_num_workers", "validation_steps", "num_validation_samples",
-                 "met3r_max_timestep"):
+    validate_training_args(args)
+    if args.validation_inference_steps < 1:
+        raise ValueError(f"--validation_inference_steps must be >= 1, got {args.validation_inference_steps}")
+    for name in ("dataloader_num_workers", "num_validation_samples", "met3r_max_timestep"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("num_views", "resolution", "met3r_resolution", "met3r_num_pairs", "met3r_chunk_size",
-                 "checkpoints_total_limit"):
+    for name in ("met3r_resolution", "met3r_num_pairs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.num_views is not None and args.num_views < 2:
-        raise ValueError(f"--num_views must be >= 2 (MEt3R scores pairs of views), got {args.num_views}")
-    factory = resolve_factory(args.met3r_factory)
-    try:
-        args.met3r_kwargs = json.loads(args.met3r_kwargs) if isinstance(args.met3r_kwargs, str) else args.met3r_kwargs
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--met3r_kwargs is not valid JSON: {error}") from None
-    if not isinstance(args.met3r_kwargs, dict):
-        raise ValueError(f"--met3r_kwargs must be a JSON object of keyword arguments, got {args.met3r_kwargs!r}")
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # no introspectable signature: the call itself will tell
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(**args.met3r_kwargs)
-        except TypeError as error:
-            raise ValueError(f"--met3r_kwargs do not fit --met3r_factory {args.met3r_factory!r}: {error}") from None
-
-
-def resolve_factory(factory: str) -> Callable:
-    """The callable named by 'module:callable' or 'path/to/file.py:callable' (ValueError naming --met3r_factory)."""
-    module_name, _, attribute = factory.rpartition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"--met3r_factory must look like 'module:callable', got {factory!r}")
-    try:
-        if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise FileNotFoundError(f"no such file {module_name!r}")
-            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except (ImportError, OSError) as error:
-        raise ValueError(f"--met3r_factory {factory!r}: cannot load {module_name!r} ({error})") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise ValueError(f"--met3r_factory {factory!r}: {module_name!r} has no callable {attribute!r}")
-    return function
 
 
 def _check_resolution(args: argparse.Namespace, image_size: tuple[int, int]) -> None:
@@ -224,53 +130,6 @@ def _check_resolution(args: argparse.Namespace, image_size: tuple[int, int]) -> 
                          f"factor {factor}")
 
 
-# ----------------------------------------------------------------------------- components
-
-
-def _pretrained_components(args: argparse.Namespace) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    path, revision = args.pretrained_model_name_or_path, args.revision
-    components = {
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision),
-        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision),
-        "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
-        "text_encoder": None,
-        "tokenizer": None,
-    }
-    if args.prediction_type is not None:
-        components["scheduler"].register_to_config(prediction_type=args.prediction_type)
-    try:
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        components["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-        components["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
-    except OSError:
-        logger.info("no tokenizer/text_encoder: the UNet is conditioned on a zero text embedding")
-    return components
-
-
-def load_metric(factory: str, kwargs: dict):
-    """Build the metric from 'module:callable' or 'path/to/file.py:callable'."""
-    return resolve_factory(factory)(**kwargs)
-
-
-def _text_embeddings(prompts: list[str], tokenizer, text_encoder, unet, device) -> torch.Tensor:
-    """(len(prompts), L, D) text embeddings, or zeros (len(prompts), 1, cross_attention_dim) without a text encoder."""
-    if text_encoder is None:
-        return torch.zeros(len(prompts), 1, unet.config.cross_attention_dim, device=device)
-    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids)[0]
-
-
-def _view_labels(unet, batch: int, num_views: int, device) -> torch.Tensor | None:
-    """View index of every batch entry (0..V-1 per sample) when the UNet takes class labels."""
-    if unet.config.num_class_embeds is None and unet.config.class_embed_type is None:
-        return None
-    return torch.arange(num_views, device=device).repeat(batch)
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -281,17 +140,7 @@ def main(args: argparse.Namespace) -> dict:
     num_views = dataset.num_views
     height, width = dataset.image_size
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("--mixed_precision fp16 needs a GPU (CPU autocast mixes float16 and float32 operands); "
-                         "use bf16 or no on the CPU")
+    accelerator = make_accelerator(args, gradient_accumulation_steps=args.gradient_accumulation_steps)
     _check_resolution(args, (height, width))
     resume_path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     set_seed(args.seed)
@@ -299,35 +148,21 @@ def main(args: argparse.Namespace) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
 
     components = (tiny_training_components(height, num_views, args.seed, args.prediction_type) if args.tiny_test_model
-                  else _pretrained_components(args))
+                  else load_pretrained_components(args.pretrained_model_name_or_path, args.revision,
+                                                  prediction_type=args.prediction_type))
     unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
     noise_scheduler = components["scheduler"]
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"the scheduler's prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-    if text_encoder is not None:
-        text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    weight_dtype, trainable = prepare_components(accelerator, components, args.use_lora, args.lora_rank)
     if args.vae_gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    if args.use_lora:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGET_MODULES))
-    trainable = [p for p in unet.parameters() if p.requires_grad]  # kept in float32; autocast does the rest
 
     metric = load_metric(args.met3r_factory, args.met3r_kwargs).to(accelerator.device)
     met3r_loss = MEt3RLoss(metric, pairs=args.met3r_pairs, num_pairs=args.met3r_num_pairs,
                            max_timestep=args.met3r_max_timestep, chunk_size=args.met3r_chunk_size)
-
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
     def train_dataloader(epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
         """The epoch's batches in a (seed, epoch)-determined order, sharded over the processes (training_utils)."""
@@ -338,16 +173,12 @@ def main(args: argparse.Namespace) -> dict:
     if num_batches_per_epoch == 0:
         raise ValueError(f"--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes exceeds "
                          f"the {len(dataset)} scenes")
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    optimizer, lr_scheduler = make_optimizer(accelerator, args, trainable)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
     num_update_steps_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    if accelerator.is_main_process:
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("met3r-finetune", config=config)
+    init_trackers(accelerator, "met3r-finetune", args)
 
     def sample_views(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
         """DDIM-sample the V views of each prompt (no classifier-free guidance); (b, V, 3, H, W) in [-1, 1]."""
@@ -361,9 +192,9 @@ def main(args: argparse.Namespace) -> dict:
         latent_shape = (num_views, model.config.in_channels, model.config.sample_size, model.config.sample_size)
         latents = torch.cat([torch.randn(latent_shape, generator=g, device=g.device) for g in generators])
         latents = latents.to(accelerator.device) * scheduler.init_noise_sigma
-        context = _text_embeddings(prompts, tokenizer, text_encoder, model, accelerator.device)
+        context = text_embeddings(prompts, tokenizer, text_encoder, model, accelerator.device)
         context = context.repeat_interleave(num_views, 0)
-        labels = _view_labels(model, len(prompts), num_views, accelerator.device)
+        labels = view_labels(model, len(prompts), num_views, accelerator.device)
         with accelerator.autocast():
             for t in scheduler.timesteps:
                 model_input = scheduler.scale_model_input(latents, t)
@@ -378,16 +209,6 @@ def main(args: argparse.Namespace) -> dict:
         hook = MEt3REvalHook(accelerator, args.validation_steps, sample_views, metric, prompts,
                              pairs=args.met3r_pairs, batch_size=args.validation_batch_size,
                              seed=args.validation_seed)
-    validation_log = os.path.join(args.output_dir, "met3r_validation.jsonl")
-
-    def validate(step: int, force: bool = False) -> None:
-        with preserved_rng_state():  # validation never changes the training's random numbers
-            results = hook.evaluate(step) if force else hook(step)
-        if results is not None and accelerator.is_main_process:
-            logger.info(f"step {step}: MEt3R {results['score']:.5f} {results['pair_scores']}")
-            with open(validation_log, "a") as f:
-                f.write(json.dumps({k: v for k, v in results.items() if not torch.is_tensor(v)}) + "\n")
-
     global_step, first_epoch, resume_batches = 0, 0, 0
     recent_losses = collections.deque(maxlen=50)
     if resume_path is not None:
@@ -418,10 +239,9 @@ def main(args: argparse.Namespace) -> dict:
                 timesteps = torch.randint(0, num_train_timesteps, (batch_size,), device=latents.device)
                 timesteps = timesteps.repeat_interleave(num_views)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                with torch.no_grad():
-                    context = _text_embeddings(batch["prompt"], tokenizer, text_encoder, unet, accelerator.device)
+                context = text_embeddings(batch["prompt"], tokenizer, text_encoder, unet, accelerator.device)
                 context = context.repeat_interleave(num_views, 0)
-                labels = _view_labels(accelerator.unwrap_model(unet), batch_size, num_views, accelerator.device)
+                labels = view_labels(accelerator.unwrap_model(unet), batch_size, num_views, accelerator.device)
                 model_pred = unet(noisy_latents, timesteps, context, class_labels=labels).sample
                 if prediction_type == "epsilon":
                     target = noise
@@ -463,38 +283,19 @@ def main(args: argparse.Namespace) -> dict:
                     save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                                     extra={"recent_losses": list(recent_losses)})
                 if hook is not None:
-                    validate(global_step)
+                    run_validation(accelerator, hook, global_step, args.output_dir)
                 if global_step >= args.max_train_steps:
                     break
         if global_step >= args.max_train_steps:
             break
 
-    accelerator.wait_for_everyone()
-    if hook is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
-        validate(global_step, force=True)
-    if accelerator.is_main_process:
-        _save_weights(accelerator.unwrap_model(unet), args)
-    accelerator.end_training()
+    finish_training(accelerator, accelerator.unwrap_model(unet), hook, global_step, args)
     return {
         "global_step": global_step,
         "final_diffusion_loss": sum(recent_losses) / max(len(recent_losses), 1),  # mean of the last 50 steps
         "validation": hook.history if hook else [],
         "output_dir": args.output_dir,
     }
-
-
-def _save_weights(unet, args: argparse.Namespace) -> None:
-    """Final weights: LoRA layers (diffusers' pytorch_lora_weights.safetensors) or the full UNet."""
-    if args.use_lora:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers,
-                                                  safe_serialization=True)
-    else:
-        unet.save_pretrained(os.path.join(args.output_dir, "unet"))
 
 
 if __name__ == "__main__":

@@ -27,10 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
-import importlib.util
-import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -39,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -51,33 +46,35 @@ from met3r_diffusers.evaluation import MEt3REvalHook
 from met3r_diffusers.rewards import MEt3RReward, image_statistics
 from met3r_diffusers.testing import tiny_training_components
 from met3r_diffusers.training_utils import (
+    PREDICTION_TYPES,
+    add_metric_arguments,
+    add_model_arguments,
+    add_optimisation_arguments,
+    add_tracking_arguments,
     epoch_batches,
     find_checkpoint,
+    finish_training,
+    init_trackers,
     load_checkpoint,
-    preserved_rng_state,
+    load_metric,
+    load_pretrained_components,
+    make_accelerator,
+    make_optimizer,
+    prepare_components,
+    run_validation,
     save_checkpoint,
+    text_embeddings,
+    validate_training_args,
+    view_labels,
 )
 
 logger = get_logger(__name__)
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Command line of the script (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                       help="diffusers model folder or hub id with unet/, vae/, scheduler/ and optionally "
-                            "text_encoder/ + tokenizer/ sub-folders")
-    model.add_argument("--revision", type=str, default=None)
-    model.add_argument("--tiny_test_model", action="store_true",
-                       help="tiny random UNet/VAE/CLIP built from configs (tests, CPU smoke runs; no download)")
-    model.add_argument("--prediction_type", type=str, default=None,
-                       help=f"one of {PREDICTION_TYPES}; default: the scheduler's")
-    model.add_argument("--use_lora", action="store_true", help="train LoRA adapters (peft) instead of the full UNet")
-    model.add_argument("--lora_rank", type=int, default=4)
+    add_model_arguments(parser)
 
     data = parser.add_argument_group("prompts and data")
     data.add_argument("--prompts_file", type=str, default=None,
@@ -96,11 +93,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                           help="K: backprop through the last K denoiser calls only (DRaFT-K)")
 
     reward = parser.add_argument_group("reward and guards")
-    reward.add_argument("--met3r_factory", type=str, default="met3r_diffusers:MEt3R",
-                        help="'module:callable' or 'path/to/file.py:callable' returning the metric")
-    reward.add_argument("--met3r_kwargs", type=str, default="{}", help="JSON keyword arguments for --met3r_factory")
-    reward.add_argument("--met3r_pairs", type=str, default="adjacent", choices=["adjacent", "all", "reference"])
-    reward.add_argument("--met3r_chunk_size", type=int, default=None, help="samples per metric call")
+    add_metric_arguments(reward)
     reward.add_argument("--reward_resolution", type=int, default=None,
                         help="decode the final latents at this size for the reward (default: the sample size)")
     reward.add_argument("--kl_weight", type=float, default=0.0,
@@ -108,35 +101,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     reward.add_argument("--diffusion_loss_weight", type=float, default=0.0,
                         help="weight of the diffusion loss on real multi-view data (needs --train_data_dir)")
 
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--output_dir", type=str, default="met3r-reward")
-    optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--max_train_steps", type=int, default=500)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--lr_scheduler", type=str, default="constant",
-                       help="any of diffusers.optimization's schedules: constant, linear, cosine, ...")
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    add_optimisation_arguments(parser, output_dir="met3r-reward", max_train_steps=500)
 
-    track = parser.add_argument_group("logging, checkpoints, validation")
-    track.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none")
-    track.add_argument("--logging_dir", type=str, default="logs", help="inside output_dir")
-    track.add_argument("--checkpointing_steps", type=int, default=100)
-    track.add_argument("--checkpoints_total_limit", type=int, default=None)
-    track.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="a checkpoint-N folder in output_dir, or 'latest'")
-    track.add_argument("--validation_steps", type=int, default=0,
-                       help="run the MEt3R evaluation hook every N steps (0: only at the end)")
+    track = add_tracking_arguments(parser, checkpointing_steps=100)
     track.add_argument("--num_validation_prompts", type=int, default=4,
                        help="validation inputs: the first N prompts (0 disables validation)")
-    track.add_argument("--validation_batch_size", type=int, default=1)
-    track.add_argument("--validation_seed", type=int, default=0)
 
     args = parser.parse_args(input_args)
     validate_args(args)
@@ -144,13 +113,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Fail fast, before any model is loaded, on configuration errors."""
-    if (args.pretrained_model_name_or_path is None) == (not args.tiny_test_model):
-        raise ValueError("pass exactly one of --pretrained_model_name_or_path and --tiny_test_model")
-    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"--prediction_type must be one of {PREDICTION_TYPES}, got {args.prediction_type!r}")
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise ValueError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a folder")
+    """Fail fast, before any model is loaded, on configuration errors (a ValueError naming the option)."""
+    validate_training_args(args)
     if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
         raise ValueError(f"--prompts_file {args.prompts_file!r} does not exist")
     if args.prompts_file is None and args.train_data_dir is None:
@@ -164,37 +128,17 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--diffusion_loss_weight > 0 needs real multi-view data: pass --train_data_dir")
     if not args.cfg_scale >= 1:
         raise ValueError(f"--cfg_scale must be >= 1, got {args.cfg_scale}")
-    for name in ("max_train_steps", "gradient_accumulation_steps", "train_batch_size", "checkpointing_steps",
-                 "num_inference_steps", "truncation_steps", "validation_batch_size", "lora_rank"):
+    for name in ("num_inference_steps", "truncation_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.truncation_steps > args.num_inference_steps:
         raise ValueError(f"--truncation_steps {args.truncation_steps} exceeds --num_inference_steps "
                          f"{args.num_inference_steps}")
-    for name in ("num_views", "resolution", "reward_resolution", "met3r_chunk_size"):
-        if getattr(args, name) is not None and getattr(args, name) < (2 if name == "num_views" else 1):
-            raise ValueError(f"--{name} must be >= {2 if name == 'num_views' else 1}, got {getattr(args, name)}")
-    if ":" not in args.met3r_factory:
-        raise ValueError(f"--met3r_factory must look like 'module:callable', got {args.met3r_factory!r}")
-    try:
-        args.met3r_kwargs = json.loads(args.met3r_kwargs) if isinstance(args.met3r_kwargs, str) else args.met3r_kwargs
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--met3r_kwargs is not valid JSON: {error}") from None
+    if args.reward_resolution is not None and args.reward_resolution < 1:
+        raise ValueError(f"--reward_resolution must be >= 1, got {args.reward_resolution}")
 
 
 # ----------------------------------------------------------------------------- components
-
-
-def load_metric(factory: str, kwargs: dict):
-    """Build the metric from 'module:callable' or 'path/to/file.py:callable'."""
-    module_name, _, attribute = factory.rpartition(":")
-    if module_name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    return getattr(module, attribute)(**kwargs)
 
 
 def load_components(args: argparse.Namespace, resolution: int, num_views: int) -> dict:
@@ -204,24 +148,8 @@ def load_components(args: argparse.Namespace, resolution: int, num_views: int) -
     if args.tiny_test_model:
         components = tiny_training_components(resolution, num_views, args.seed, args.prediction_type)
     else:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        path, revision = args.pretrained_model_name_or_path, args.revision
-        components = {
-            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision),
-            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision),
-            "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
-            "text_encoder": None,
-            "tokenizer": None,
-        }
-        try:
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            components["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-            components["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
-                                                                       revision=revision)
-        except OSError:
-            logger.info("no tokenizer/text_encoder: the UNet is conditioned on a zero text embedding")
+        components = load_pretrained_components(args.pretrained_model_name_or_path, args.revision,
+                                                scheduler_class=DDIMScheduler)
     scheduler = DDIMScheduler.from_config(components["scheduler"].config)
     if args.prediction_type is not None:
         scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -240,23 +168,6 @@ def read_prompts(args: argparse.Namespace, dataset: MultiViewFolderDataset | Non
             raise ValueError(f"--prompts_file {args.prompts_file!r} holds no prompt")
         return prompts
     return [(d / PROMPT_FILE).read_text().strip() if (d / PROMPT_FILE).exists() else "" for d in dataset.scene_dirs]
-
-
-def text_embeddings(prompts: list[str], tokenizer, text_encoder, unet, device) -> torch.Tensor:
-    """(len(prompts), L, D) text embeddings, or zeros (len(prompts), 1, cross_attention_dim) without a text encoder."""
-    if text_encoder is None:
-        return torch.zeros(len(prompts), 1, unet.config.cross_attention_dim, device=device)
-    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        return text_encoder(ids)[0]
-
-
-def view_labels(unet, batch: int, num_views: int, device) -> torch.Tensor | None:
-    """View index of every batch entry (0..V-1 per sample) when the UNet takes class labels."""
-    if unet.config.num_class_embeds is None and unet.config.class_embed_type is None:
-        return None
-    return torch.arange(num_views, device=device).repeat(batch)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -339,16 +250,7 @@ def main(args: argparse.Namespace) -> dict:
     num_views = args.num_views or dataset.num_views
     prompts = read_prompts(args, dataset)
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("--mixed_precision fp16 needs a GPU (CPU autocast mixes float16 and float32 operands); "
-                         "use bf16 or no on the CPU")
+    accelerator = make_accelerator(args)
     resume_path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     global_batch = args.train_batch_size * accelerator.num_processes
     for name, count in (("prompts", len(prompts)), ("scenes", len(dataset) if args.diffusion_loss_weight else None)):
@@ -369,38 +271,20 @@ def main(args: argparse.Namespace) -> dict:
         image_size = (unet.config.sample_size * factor,) * 2
     latent_shape = (unet.config.in_channels, image_size[0] // factor, image_size[1] // factor)
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-    if text_encoder is not None:
-        text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    weight_dtype, trainable = prepare_components(accelerator, components, args.use_lora, args.lora_rank)
     base_unet = None
-    if args.use_lora:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGET_MODULES))
-    elif args.kl_weight > 0:  # the frozen base of a full fine-tune (LoRA's base is the UNet with adapters off)
+    if not args.use_lora and args.kl_weight > 0:  # the frozen base of a full fine-tune (LoRA's: adapters off)
         base_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device)
-    trainable = [p for p in unet.parameters() if p.requires_grad]  # kept in float32; autocast does the rest
 
     metric = load_metric(args.met3r_factory, args.met3r_kwargs).to(accelerator.device)
     reward = MEt3RReward(metric, pairs=args.met3r_pairs, differentiable=True, chunk_size=args.met3r_chunk_size)
 
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    optimizer, lr_scheduler = make_optimizer(accelerator, args, trainable)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     # every call goes through the unwrapped model (K checkpointed calls per backward); under several processes the
     # gradients are averaged explicitly before the optimizer step
     model = accelerator.unwrap_model(unet)
-    if accelerator.is_main_process:
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("met3r-reward", config=config)
+    init_trackers(accelerator, "met3r-reward", args)
 
     scheduler.set_timesteps(args.num_inference_steps, device=accelerator.device)
     uncond_embedding = text_embeddings([""], tokenizer, text_encoder, model, accelerator.device)
@@ -496,16 +380,6 @@ def main(args: argparse.Namespace) -> dict:
         hook = MEt3REvalHook(accelerator, args.validation_steps, sample_views, metric,
                              prompts[: args.num_validation_prompts], pairs=args.met3r_pairs,
                              batch_size=args.validation_batch_size, seed=args.validation_seed)
-    validation_log = os.path.join(args.output_dir, "met3r_validation.jsonl")
-
-    def validate(step: int, force: bool = False) -> None:
-        with preserved_rng_state():  # validation never changes the training's random numbers
-            results = hook.evaluate(step) if force else hook(step)
-        if results is not None and accelerator.is_main_process:
-            logger.info(f"step {step}: MEt3R {results['score']:.5f} {results['pair_scores']}")
-            with open(validation_log, "a") as f:
-                f.write(json.dumps({k: v for k, v in results.items() if not torch.is_tensor(v)}) + "\n")
-
     global_step = 0
     if resume_path is not None:  # "latest" without a complete checkpoint starts from scratch
         global_step = load_checkpoint(accelerator, resume_path)["global_step"]
@@ -547,30 +421,11 @@ def main(args: argparse.Namespace) -> dict:
         if global_step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, args.output_dir, global_step, total_limit=args.checkpoints_total_limit)
         if hook is not None:
-            validate(global_step)
+            run_validation(accelerator, hook, global_step, args.output_dir)
 
-    accelerator.wait_for_everyone()
-    if hook is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
-        validate(global_step, force=True)
-    if accelerator.is_main_process:
-        save_weights(model, args)
-    accelerator.end_training()
+    finish_training(accelerator, model, hook, global_step, args)
     return {"global_step": global_step, "history": history, "validation": hook.history if hook else [],
             "output_dir": args.output_dir}
-
-
-def save_weights(unet, args: argparse.Namespace) -> None:
-    """Final weights: LoRA layers (diffusers' pytorch_lora_weights.safetensors) or the full UNet."""
-    if args.use_lora:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers,
-                                                  safe_serialization=True)
-    else:
-        unet.save_pretrained(os.path.join(args.output_dir, "unet"))
 
 
 if __name__ == "__main__":
