@@ -322,7 +322,8 @@ def test_eval_hook_two_processes_match_single_process(tmp_path):
     """
     out = tmp_path / "two.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-               ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+               ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+               GLOO_SOCKET_IFNAME="lo")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), __file__, str(out)]
@@ -341,7 +342,8 @@ def test_eval_hook_two_processes_match_single_process(tmp_path):
 @pytest.mark.slow
 def test_script_under_two_processes(toy_data, tmp_path):
     """DDP (gloo) run of the script with LoRA, gradient accumulation, a checkpoint and validation on 3 inputs."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+               GLOO_SOCKET_IFNAME="lo")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(SCRIPT),
