@@ -464,6 +464,11 @@ class Processes:
         if self.num_processes > 1:
             self.state.wait_for_everyone()
 
+    def close(self) -> None:
+        """Leave the process group after the last collective call (gloo's threads otherwise abort at exit)."""
+        if self.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 # ----------------------------------------------------------------------------- checks, metric, provenance
 
@@ -819,6 +824,7 @@ def score_command(args: argparse.Namespace) -> int:
                   "num_views": sum(len(scenes[k][1]) for batch in mine for k in batch)}
         if complete:
             records, timings = processes.gather(report.scenes), processes.gather([timing])
+            processes.close()
         else:  # no collective calls: the other processes may be gone; their journals hold their scenes
             records = report.scenes + (Journal.read(out, settings) if out is not None else [])
             timings = [timing]

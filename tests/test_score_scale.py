@@ -288,6 +288,8 @@ evaluator.update(shard[1:])
 result = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in evaluator.compute().items()}
 result["num_processes"] = state.num_processes
 json.dump(result, open(sys.argv[1] + f".{state.process_index}", "w"))
+state.wait_for_everyone()
+torch.distributed.destroy_process_group()  # gloo's threads abort at exit otherwise ("terminate called ...")
 """
 
 
