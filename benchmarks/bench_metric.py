@@ -47,7 +47,7 @@ from met3r_diffusers.pairs import resolve_pairs
 
 def _feature_gflop(metric: MEt3R, num_views: int, size: int) -> float:
     """DINO (counted) + the JBU stack (by hand) for `num_views` views."""
-    images = torch.zeros(1, 3, size, size)
+    images = torch.zeros(1, 3, size, size, dtype=metric.dtype)  # bf16 with --bf16's bf16 weights
     dino = count_gflop(lambda: metric.feature_backbone.low_res(images))
     low = size // 16
     channels = metric.feature_backbone.dim
