@@ -382,14 +382,18 @@ class Journal:
                     entry = json.loads(line)
                 except ValueError:  # the line being written when the process was killed
                     continue
+                if not isinstance(entry, dict):
+                    raise ValueError(f"--resume: {path} is not a journal of met3r-diffusers score")
                 if "settings" in entry:
                     _check_settings(entry["settings"], settings, path)
-                elif "record" in entry:
+                elif isinstance(entry.get("record"), dict) and "scene" in entry["record"]:
                     records.append(entry["record"])
         return records
 
 
 def _check_settings(stored: dict[str, Any], current: dict[str, Any], source: Path) -> None:
+    if not isinstance(stored, dict):
+        raise ValueError(f"--resume: {source} is not a report or journal of met3r-diffusers score (bad settings)")
     current = json.loads(json.dumps(current))
     differences = [f"{key}: {stored.get(key)!r} there, {current.get(key)!r} now"
                    for key in sorted(set(stored) | set(current)) if stored.get(key) != current.get(key)]
@@ -414,8 +418,10 @@ def resume_records(out: Path, settings: dict[str, Any]) -> dict[tuple[str, str |
             content = json.loads(out.read_text())
         except ValueError as error:
             raise ValueError(f"--resume: {out} is not a readable JSON report ({error})") from None
+        if not isinstance(content, dict) or not isinstance(content.get("scenes", []), list):
+            raise ValueError(f"--resume: {out} is not a report of met3r-diffusers score")
         _check_settings(content.get("settings", {}), settings, out)
-        records.extend(content.get("scenes", []))
+        records.extend(r for r in content.get("scenes", []) if isinstance(r, dict) and "scene" in r)
     records.extend(Journal.read(out, settings))
     return {_record_key(r): r for r in records if "error" not in r and r.get("fingerprint")}
 
@@ -483,6 +489,7 @@ def _fail_if_unwritable(out: Path, option: str) -> None:
         tempfile.TemporaryFile(dir=folder).close()
         if out.exists():
             open(out, "a").close()
+        out.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (as `mkdir -p`)
     except OSError as error:
         raise UsageError(f"{option} {out}: cannot write there ({error})") from None
 

@@ -43,6 +43,9 @@ __all__ = ["MEt3RReward", "group_advantages", "image_statistics", "reward_fn"]
 logger = logging.getLogger(__name__)
 
 
+# views beyond +-this are refused as a wrong value range (e.g. [0, 255] images)
+_RANGE_LIMIT = 1.5
+
 class MEt3RReward(nn.Module):
     """Per-sample reward `-MEt3R score` of views (B, V, 3, H, W) in [-1, 1], returned as `(rewards (B,), info)`.
 
@@ -88,8 +91,15 @@ class MEt3RReward(nn.Module):
 
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Rewards (B,) and the info dict for views (B, V, 3, H, W) in [-1, 1]."""
-        if views.ndim != 5 or views.shape[2] != 3 or views.shape[1] < 2:
-            raise ValueError(f"views must be (B, V>=2, 3, H, W), got shape {tuple(views.shape)}")
+        if views.ndim != 5 or views.shape[2] != 3 or views.shape[1] < 2 or views.shape[0] == 0:
+            raise ValueError(f"views must be (B>=1, V>=2, 3, H, W), got shape {tuple(views.shape)}")
+        if not bool(torch.isfinite(views).all()):
+            raise ValueError("views contain non-finite values (NaN or inf)")
+        low, high = float(views.detach().min()), float(views.detach().max())
+        # a gross range error ([0, 255] images) would give a wrong reward, not an error; the metric applies its own,
+        # tighter tolerance (MEt3R: 1e-3), so a small overshoot from a decoder or an update step passes here
+        if low < -_RANGE_LIMIT or high > _RANGE_LIMIT:
+            raise ValueError(f"views must be in [-1, 1], got values in [{low:.4g}, {high:.4g}]")
         pairs = resolve_pairs(self.pairs, views.shape[1])
         chunk = self.chunk_size or views.shape[0]
         objectives, pair_scores, valid, overlap = [], [], [], []
@@ -140,6 +150,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
     if rewards.numel() % group_size:
         raise ValueError(f"group_size {group_size} does not divide the {rewards.numel()} rewards")
+    if bool(torch.isinf(rewards).any()):
+        raise ValueError("rewards contain inf (NaN marks a sample without a reward; inf is refused)")
     groups = rewards.detach().double().reshape(-1, group_size)
     finite = torch.isfinite(groups)
     count = finite.sum(dim=1, keepdim=True)
@@ -199,6 +211,8 @@ def reward_fn(
         return rewards.repeat_interleave(num_views), info
     if views.ndim != 5:
         raise ValueError(f"images must be (N, 3, H, W) or (B, V, 3, H, W), got shape {tuple(views.shape)}")
+    if num_views is not None and num_views != views.shape[1]:
+        raise ValueError(f"num_views={num_views} but the images hold {views.shape[1]} views per sample")
     return reward(views)
 
 

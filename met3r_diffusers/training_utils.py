@@ -45,6 +45,7 @@ __all__ = [
     "add_metric_arguments",
     "add_optimisation_arguments",
     "add_tracking_arguments",
+    "check_resolution",
     "checkpoint_step",
     "epoch_batches",
     "epoch_dataloader",
@@ -428,7 +429,15 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, checkpointing_steps:
 
 
 def validate_training_args(args: argparse.Namespace) -> None:
-    """Check the options of the `add_*_arguments` groups before any model is loaded (a ValueError naming the option)."""
+    """Check the options of the `add_*_arguments` groups before any model is loaded (a ValueError naming the option).
+
+    Every float option of the script, not only these groups', must be finite (NaN and inf are refused).
+    """
+    for name, value in vars(args).items():
+        if isinstance(value, float):
+            check_finite(f"--{name}", value)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir!r} exists and is not a folder")
     check_finite("--learning_rate", args.learning_rate, minimum=0)
     check_finite("--adam_weight_decay", args.adam_weight_decay, minimum=0)
     check_finite("--adam_epsilon", args.adam_epsilon, minimum=0)
@@ -475,6 +484,30 @@ def validate_training_args(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- components of the scripts
+
+
+def check_resolution(
+    args: argparse.Namespace, image_size: tuple[int, int], **extra_sizes: int | None
+) -> None:
+    """Image sizes must be multiples of the VAE's down-sampling (read from its config only, or the tiny model's).
+
+    `image_size` is the training / sampling size; `extra_sizes` name other sizes the script decodes at
+    (`met3r_resolution=`, `reward_resolution=`), checked when not None.
+    """
+    if args.tiny_test_model:
+        from .testing import TINY_TRAINING_VAE_SCALE_FACTOR as factor
+    else:
+        from diffusers import AutoencoderKL
+
+        config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if any(size % factor for size in image_size):
+        origin = "--resolution" if args.resolution is not None else "the images' size (set --resolution)"
+        raise ValueError(f"{origin}: {image_size[0]}x{image_size[1]} is not a multiple of the VAE's down-sampling "
+                         f"factor {factor}")
+    for name, size in extra_sizes.items():
+        if size is not None and size % factor:
+            raise ValueError(f"--{name} {size} is not a multiple of the VAE's down-sampling factor {factor}")
 
 
 def resolve_factory(factory: str) -> Callable:

@@ -193,3 +193,22 @@ def test_compile_flag_reaches_the_metric(weights, monkeypatch):
         args = cli.build_parser().parse_args(_args(weights, *flag, "unused"))
         metric = cli.build_metric(args)
         assert seen["compile"] is expected and metric.config.compile is expected
+
+
+def test_out_in_a_missing_folder_is_created_and_bad_resume_files_exit_2(tmp_path):
+    _write_scene(tmp_path / "scenes" / "a", 2, size=(64, 64))
+    factory = ["--metric-factory", "met3r_diffusers.testing:FeatureConsistencyMetric", "--size", "64", "--quiet"]
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert cli.main(["score", str(tmp_path / "scenes"), "--out", str(out), *factory]) == 0
+    assert json.loads(out.read_text())["num_scenes"] == 1
+    for content in ("[1, 2]", '{"settings": 5}', '{"scenes": 3}'):
+        bad = tmp_path / "bad.json"
+        bad.write_text(content)
+        with pytest.raises(SystemExit) as exit_info:  # UsageError: one line, exit status 2
+            cli.main(["score", str(tmp_path / "scenes"), "--out", str(bad), "--resume", *factory])
+        assert exit_info.value.code == 2 and "not a report" in str(exit_info.value)
+    journal = tmp_path / "j.json.journal.0"
+    journal.write_text('{"settings": [1]}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["score", str(tmp_path / "scenes"), "--out", str(tmp_path / "j.json"), "--resume", *factory])
+    assert exit_info.value.code == 2 and "not a" in str(exit_info.value)

@@ -197,3 +197,37 @@ def test_torchmetrics_metric_min_overlap():
     assert result["num_empty"] == 2 and math.isnan(float(result["score"]))
     with pytest.raises(ValueError, match="min_overlap"):
         MEt3RMetric(tiny_met3r(), min_overlap=math.nan)
+
+
+def test_reward_inputs_are_checked():
+    from met3r_diffusers.rewards import MEt3RReward, group_advantages, reward_fn
+
+    reward = MEt3RReward(FeatureConsistencyMetric())
+    views = _views(batch=2)
+    for bad, match in ((views * 255, r"\[-1, 1\]"), (views[:0], "B>=1"), (views.masked_fill(views > 0.9, math.nan),
+                                                                             "non-finite")):
+        with pytest.raises(ValueError, match=match):
+            reward(bad)
+    with pytest.raises(ValueError, match="num_views"):
+        reward_fn((views + 1) / 2, [], {}, reward=reward, num_views=2)
+    with pytest.raises(ValueError, match="inf"):
+        group_advantages(torch.tensor([1.0, math.inf]), 2)
+
+
+def test_training_scripts_refuse_inf_options_and_a_file_as_output_dir(tmp_path):
+    import importlib.util
+
+    from _parity import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("reward_script", REPO_ROOT / "training" / "train_met3r_reward.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = ["--tiny_test_model", "--prompts_file", str(tmp_path / "p.txt"), "--num_views", "2",
+            "--met3r_factory", "met3r_diffusers.testing:FeatureConsistencyMetric", "--output_dir", str(tmp_path / "o")]
+    (tmp_path / "p.txt").write_text("a chair\n")
+    for flag in ("--kl_weight", "--cfg_scale", "--diffusion_loss_weight"):
+        with pytest.raises(ValueError, match=flag):
+            script.parse_args([*base, flag, "inf"])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="output_dir"):
+        script.parse_args([*base[:-1], str(tmp_path / "afile")])

@@ -370,3 +370,21 @@ def _hook_worker(out_path):
 
 if __name__ == "__main__":
     _hook_worker(sys.argv[1])
+
+
+def test_resuming_at_the_last_step_trains_no_further(toy_data, tmp_path):
+    common = ("--max_train_steps", "1", "--checkpointing_steps", "1", "--num_validation_samples", "0")
+    assert _run(*_args(toy_data, tmp_path, *common))["global_step"] == 1
+    result = _run(*_args(toy_data, tmp_path, *common, "--resume_from_checkpoint", "latest"))
+    assert result["global_step"] == 1 and not (tmp_path / "checkpoint-2").exists()
+
+
+def test_reward_resolution_must_fit_the_vae(tmp_path):
+    reward_script = load_script(REPO_ROOT / "training" / "train_met3r_reward.py", "train_met3r_reward_check")
+    (tmp_path / "p.txt").write_text("a chair\n")
+    args = reward_script.parse_args([
+        "--tiny_test_model", "--prompts_file", str(tmp_path / "p.txt"), "--num_views", "2", "--resolution", "32",
+        "--reward_resolution", "33", "--met3r_factory", TOY_METRIC, "--output_dir", str(tmp_path / "o"),
+    ])
+    with pytest.raises(ValueError, match="reward_resolution 33"):
+        reward_script.main(args)

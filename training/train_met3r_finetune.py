@@ -33,7 +33,7 @@ from met3r_diffusers.data import MultiViewFolderDataset, collate_multiview
 from met3r_diffusers.diffusion import ViewLayout, decode_views, predict_x0
 from met3r_diffusers.evaluation import MEt3REvalHook
 from met3r_diffusers.loss import MEt3RLoss
-from met3r_diffusers.testing import TINY_TRAINING_VAE_SCALE_FACTOR, tiny_training_components
+from met3r_diffusers.testing import tiny_training_components
 from met3r_diffusers.training_utils import (
     LORA_TARGET_MODULES,  # noqa: F401 - the tests read it from the script
     PREDICTION_TYPES,
@@ -41,6 +41,7 @@ from met3r_diffusers.training_utils import (
     add_model_arguments,
     add_optimisation_arguments,
     add_tracking_arguments,
+    check_resolution,
     epoch_dataloader,
     find_checkpoint,
     finish_training,
@@ -112,24 +113,6 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
 
 
-def _check_resolution(args: argparse.Namespace, image_size: tuple[int, int]) -> None:
-    """Training and regulariser sizes must be multiples of the VAE's down-sampling (read from its config only)."""
-    if args.tiny_test_model:
-        factor = TINY_TRAINING_VAE_SCALE_FACTOR
-    else:
-        from diffusers import AutoencoderKL
-
-        config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
-        factor = 2 ** (len(config["block_out_channels"]) - 1)
-    if any(size % factor for size in image_size):
-        origin = "--resolution" if args.resolution is not None else "the images' size (set --resolution)"
-        raise ValueError(f"{origin}: {image_size[0]}x{image_size[1]} is not a multiple of the VAE's down-sampling "
-                         f"factor {factor}")
-    if args.met3r_resolution is not None and args.met3r_resolution % factor:
-        raise ValueError(f"--met3r_resolution {args.met3r_resolution} is not a multiple of the VAE's down-sampling "
-                         f"factor {factor}")
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -141,7 +124,7 @@ def main(args: argparse.Namespace) -> dict:
     height, width = dataset.image_size
 
     accelerator = make_accelerator(args, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    _check_resolution(args, (height, width))
+    check_resolution(args, (height, width), met3r_resolution=args.met3r_resolution)
     resume_path = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     set_seed(args.seed)
     if accelerator.is_main_process:
@@ -230,6 +213,8 @@ def main(args: argparse.Namespace) -> dict:
     unet.train()
     for epoch in range(first_epoch, num_train_epochs):
         for batch in train_dataloader(epoch, resume_batches if epoch == first_epoch else 0):
+            if global_step >= args.max_train_steps:  # resumed at (or past) the last step: nothing left to train
+                break
             with accelerator.accumulate(unet):
                 pixel_values = batch["pixel_values"].to(weight_dtype)  # (B, V, 3, H, W)
                 batch_size = pixel_values.shape[0]

@@ -51,6 +51,7 @@ from met3r_diffusers.training_utils import (
     add_model_arguments,
     add_optimisation_arguments,
     add_tracking_arguments,
+    check_resolution,
     epoch_batches,
     find_checkpoint,
     finish_training,
@@ -262,6 +263,7 @@ def main(args: argparse.Namespace) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
 
     image_size = (args.resolution,) * 2 if args.resolution else dataset.image_size if dataset else None
+    check_resolution(args, image_size or (), reward_resolution=args.reward_resolution)
     components = load_components(args, image_size[0] if image_size else 32, num_views)
     unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
     scheduler = components["scheduler"]
