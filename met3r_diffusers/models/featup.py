@@ -89,11 +89,13 @@ def _offsets(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _TapMatrix:
-    """A (for one image) and A^T in canonical CSR form: columns sorted, taps of a row that hit one
-    pixel merged. Batched operands (B, rows, C) are multiplied image by image."""
+    """A for one image, as its tap list (for A @ x) and in canonical CSR form (for A^T @ y and the
+    sampled dot): columns sorted, taps of a row that hit one pixel merged."""
 
     def __init__(self, index: torch.Tensor, num_in: int):
         num_out, self.taps = index.shape
+        self.index = index.contiguous()
+        self._batched_index: dict[int, torch.Tensor] = {}
         rows = torch.arange(num_out, device=index.device).repeat_interleave(self.taps)
         entries, slot = torch.unique(rows * num_in + index.reshape(-1), return_inverse=True)  # sorted
         row, col = entries // num_in, entries % num_in
@@ -127,12 +129,26 @@ class _TapMatrix:
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
             return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
 
-    def matmul(self, values: torch.Tensor, dense: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """A @ dense (or A^T @ dense) per image for merged `values` (B, entries); dense (B, rows, C)."""
-        out = dense.new_empty(dense.shape[0], self.shape[1 if transpose else 0], dense.shape[-1])
+    def gather(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """A @ dense for per-(pixel, tap) `weights` (B, num_out, taps) (unmerged); dense (B, num_in, C).
+
+        A weighted gather-sum over each row's taps, which is exactly `embedding_bag(mode="sum")` with
+        per-sample weights: its fused kernel outruns the sparse CSR product by 20-30 % here.
+        """
+        batch, _, channels = dense.shape
+        if batch not in self._batched_index:  # the taps of image b read rows b * num_in + index
+            shift = torch.arange(batch, device=self.index.device)[:, None, None] * self.shape[1]
+            self._batched_index[batch] = (self.index + shift).reshape(-1, self.taps)
+        out = F.embedding_bag(self._batched_index[batch], dense.reshape(-1, channels),
+                              per_sample_weights=weights.reshape(-1, self.taps), mode="sum")
+        return out.view(batch, self.shape[0], channels)
+
+    def transpose_matmul(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """A^T @ dense per image for merged `values` (B, entries); dense (B, num_out, C) -> (B, num_in, C)."""
+        out = dense.new_empty(dense.shape[0], self.shape[1], dense.shape[-1])
         for image_values, image_dense, image_out in zip(values, dense, out):
             # beta=0 ignores the buffer's contents; `matrix @ dense` would zero-fill and copy
-            torch.addmm(image_out, self._csr(image_values, transpose), image_dense, beta=0, out=image_out)
+            torch.addmm(image_out, self._csr(image_values, transpose=True), image_dense, beta=0, out=image_out)
         return out
 
     def sampled_dot(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -183,7 +199,7 @@ def _cubic_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torc
 def _bicubic_matrix(in_size: tuple[int, int], out_size: tuple[int, int], radius: int,
                     device: torch.device) -> tuple[_TapMatrix, torch.Tensor]:
     """Bicubic resize from in_size to out_size, then reflect padding by `radius` on every side, as
-    one tap matrix (to (out_h + 2r) * (out_w + 2r) pixels) and its (float64) values."""
+    one tap matrix (to (out_h + 2r) * (out_w + 2r) pixels) and its per-tap (float64) weights (rows, 16)."""
     padded_rows, padded_cols = (
         _reflect(torch.arange(-radius, size + radius, device=device), size) for size in out_size
     )
@@ -191,8 +207,7 @@ def _bicubic_matrix(in_size: tuple[int, int], out_size: tuple[int, int], radius:
     cols, col_weights = (taps[padded_cols] for taps in _cubic_taps(in_size[1], out_size[1], device))
     index = rows[:, None, :, None] * in_size[1] + cols[None, :, None, :]  # (out_h + 2r, out_w + 2r, 4, 4)
     weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
-    matrix = _TapMatrix(index.reshape(-1, 16), in_size[0] * in_size[1])
-    return matrix, matrix.merge(weights[None])[0]
+    return _TapMatrix(index.reshape(-1, 16), in_size[0] * in_size[1]), weights.reshape(-1, 16)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -222,9 +237,9 @@ class _WindowDot(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (keys,) = ctx.saved_tensors
         flat = keys.view(keys.shape[0], -1, keys.shape[-1])
-        values = ctx.matrix.merge(grad.to(keys.dtype))
+        grad = grad.to(keys.dtype).reshape(keys.shape[0], -1, ctx.matrix.taps)
         # keys appear on both sides of the dot product: as centres and as window pixels
-        grad_keys = ctx.matrix.matmul(values, flat) + ctx.matrix.matmul(values, flat, transpose=True)
+        grad_keys = ctx.matrix.gather(grad, flat) + ctx.matrix.transpose_matmul(ctx.matrix.merge(grad), flat)
         return grad_keys.view(keys.shape).to(ctx.dtype), None
 
 
@@ -247,7 +262,7 @@ class _AdaptiveConv(torch.autograd.Function):
         ctx.window = _window_matrix(height, width, radius, True, device)
         ctx.resize = _bicubic_matrix(tuple(source.shape[-2:]), (height, width), radius, device) if resize else None
         ctx.save_for_backward(source, kernel)
-        out = ctx.window.matmul(ctx.window.merge(kernel), _AdaptiveConv._input_map(ctx.resize, source))
+        out = ctx.window.gather(kernel, _AdaptiveConv._input_map(ctx.resize, source))
         return out.view(batch, height, width, -1).to(ctx.dtypes[0])
 
     @staticmethod
@@ -255,8 +270,8 @@ class _AdaptiveConv(torch.autograd.Function):
         flat = _channels_last(source).reshape(source.shape[0], -1, source.shape[1])
         if resize is None:
             return flat
-        matrix, values = resize
-        return matrix.matmul(values.to(flat.dtype).expand(flat.shape[0], -1), flat)
+        matrix, weights = resize
+        return matrix.gather(weights.to(flat.dtype).expand(flat.shape[0], -1, -1), flat)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -269,10 +284,11 @@ class _AdaptiveConv(torch.autograd.Function):
             grad_kernel = ctx.window.sampled_dot(grad, input_map).view(kernel.shape).to(ctx.dtypes[1])
             del input_map
         if ctx.needs_input_grad[0]:
-            grad_input = ctx.window.matmul(ctx.window.merge(kernel), grad, transpose=True)
+            grad_input = ctx.window.transpose_matmul(ctx.window.merge(kernel), grad)
             if ctx.resize is not None:
-                matrix, values = ctx.resize
-                grad_input = matrix.matmul(values.to(grad.dtype).expand(grad.shape[0], -1), grad_input, transpose=True)
+                matrix, weights = ctx.resize
+                values = matrix.merge(weights[None].to(grad.dtype))
+                grad_input = matrix.transpose_matmul(values.expand(grad.shape[0], -1), grad_input)
             batch, channels, height, width = source.shape
             grad_source = grad_input.view(batch, height, width, channels).permute(0, 3, 1, 2).to(ctx.dtypes[0])
         return grad_source, grad_kernel, None, None
