@@ -89,42 +89,46 @@ def _offsets(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _TapMatrix:
-    """A for one image, as its tap list (for A @ x) and in canonical CSR form (for A^T @ y and the
-    sampled dot): columns sorted, taps of a row that hit one pixel merged."""
+    """A for one image, as its tap list (for A @ x) and, built on first use, in canonical CSR form
+    (for A^T @ y and the sampled dot): columns sorted, taps of a row that hit one pixel merged."""
 
     def __init__(self, index: torch.Tensor, num_in: int):
         num_out, self.taps = index.shape
         self.index = index.contiguous()
+        self.shape = (num_out, num_in)
         self._batched_index: dict[int, torch.Tensor] = {}
-        rows = torch.arange(num_out, device=index.device).repeat_interleave(self.taps)
-        entries, slot = torch.unique(rows * num_in + index.reshape(-1), return_inverse=True)  # sorted
+
+    @functools.cached_property
+    def _canonical(self) -> dict[str, torch.Tensor | None]:
+        num_out, num_in = self.shape
+        rows = torch.arange(num_out, device=self.index.device).repeat_interleave(self.taps)
+        entries, slot = torch.unique(rows * num_in + self.index.reshape(-1), return_inverse=True)  # sorted
         row, col = entries // num_in, entries % num_in
         order = torch.argsort(col, stable=True)  # A^T: by input pixel, then output pixel
         dtype = torch.int32 if entries.numel() < 2**31 else torch.int64
         # merged entry of each (pixel, tap); None when that is the identity (every tap its own
         # column, in increasing order), so that `merge` is a reshape
         identity = torch.equal(slot, torch.arange(slot.numel(), device=slot.device))
-        self.slot = None if identity else slot.to(dtype)
-        self.crow = _offsets(torch.bincount(row, minlength=num_out), dtype)
-        self.col = col.to(dtype)
-        self.crow_t = _offsets(torch.bincount(col, minlength=num_in), dtype)
-        self.col_t = row[order].to(dtype)
-        self.order_t = order.to(dtype)
-        self.shape = (num_out, num_in)
+        return {"slot": None if identity else slot.to(dtype),
+                "crow": _offsets(torch.bincount(row, minlength=num_out), dtype), "col": col.to(dtype),
+                "crow_t": _offsets(torch.bincount(col, minlength=num_in), dtype), "col_t": row[order].to(dtype),
+                "order_t": order.to(dtype)}
 
     def merge(self, weights: torch.Tensor) -> torch.Tensor:
         """Per-(pixel, tap) weights (B, ...) -> CSR values of A, (B, entries)."""
-        weights = weights.reshape(weights.shape[0], -1)
-        if self.slot is None:
+        weights, slot = weights.reshape(weights.shape[0], -1), self._canonical["slot"]
+        if slot is None:
             return weights
-        values = weights.new_zeros(weights.shape[0], self.col.shape[0])
-        return values.index_add_(1, self.slot, weights)
+        values = weights.new_zeros(weights.shape[0], self._canonical["col"].shape[0])
+        return values.index_add_(1, slot, weights)
 
     def _csr(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
+        parts = self._canonical
         if transpose:
-            crow, col, values, shape = self.crow_t, self.col_t, values.index_select(0, self.order_t), self.shape[::-1]
+            crow, col, shape = parts["crow_t"], parts["col_t"], self.shape[::-1]
+            values = values.index_select(0, parts["order_t"])
         else:
-            crow, col, shape = self.crow, self.col, self.shape
+            crow, col, shape = parts["crow"], parts["col"], self.shape
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
             return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
@@ -139,7 +143,8 @@ class _TapMatrix:
         if batch not in self._batched_index:  # the taps of image b read rows b * num_in + index
             shift = torch.arange(batch, device=self.index.device)[:, None, None] * self.shape[1]
             self._batched_index[batch] = (self.index + shift).reshape(-1, self.taps)
-        out = F.embedding_bag(self._batched_index[batch], dense.reshape(-1, channels),
+        # a strided table (a permuted NCHW map) would make every gathered row a strided read
+        out = F.embedding_bag(self._batched_index[batch], dense.reshape(-1, channels).contiguous(),
                               per_sample_weights=weights.reshape(-1, self.taps), mode="sum")
         return out.view(batch, self.shape[0], channels)
 
@@ -153,10 +158,11 @@ class _TapMatrix:
 
     def sampled_dot(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """d[b, r, p] = <left[b, r], right[b, index[r, p]]>: (B, num_out * taps); left (B, num_out, C), right (B, num_in, C)."""
-        pattern = self._csr(left.new_zeros(self.col.shape[0]), transpose=False)
+        slot = self._canonical["slot"]
+        pattern = self._csr(left.new_zeros(self._canonical["col"].shape[0]), transpose=False)
         dots = [torch.sparse.sampled_addmm(pattern, image_left, image_right.t(), beta=0.0).values()
                 for image_left, image_right in zip(left, right)]
-        return torch.stack(dots if self.slot is None else [image_dots.index_select(0, self.slot) for image_dots in dots])
+        return torch.stack(dots if slot is None else [image_dots.index_select(0, slot) for image_dots in dots])
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -183,12 +189,13 @@ def _window_matrix(height: int, width: int, radius: int, padded: bool, device: t
 
 def _cubic_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Source indices and weights (out_size, 4) of bicubic resizing along one axis, as `F.interpolate`
-    with a size: align_corners=False, a = -0.75, indices clamped at the borders."""
+    with a size: align_corners=False, a = -0.75. Indices are not clamped: the resize reads
+    `source[clamp(index, 0, in_size - 1)]`."""
     a = -0.75
     source = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
     first = source.floor()
     t = (source - first)[:, None]
-    index = (first.long()[:, None] + torch.arange(-1, 3, device=device)).clamp(0, in_size - 1)
+    index = first.long()[:, None] + torch.arange(-1, 3, device=device)
     distance = torch.cat([t + 1, t, 1 - t, 2 - t], dim=1)
     near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
     far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
@@ -205,9 +212,55 @@ def _bicubic_matrix(in_size: tuple[int, int], out_size: tuple[int, int], radius:
     )
     rows, row_weights = (taps[padded_rows] for taps in _cubic_taps(in_size[0], out_size[0], device))
     cols, col_weights = (taps[padded_cols] for taps in _cubic_taps(in_size[1], out_size[1], device))
+    rows, cols = rows.clamp(0, in_size[0] - 1), cols.clamp(0, in_size[1] - 1)
     index = rows[:, None, :, None] * in_size[1] + cols[None, :, None, :]  # (out_h + 2r, out_w + 2r, 4, 4)
     weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
     return _TapMatrix(index.reshape(-1, 16), in_size[0] * in_size[1]), weights.reshape(-1, 16)
+
+
+def _windowed_cubic(in_size: int, out_size: int, radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bicubic resizing along one axis followed by the reflected window of every output coordinate,
+    as one map: (out_size, span) source indices (clamped) and (out_size, 2r+1, span) float64 weights,
+    window tap i of output y being sum_a weights[y, i, a] * source[index[y, a]].
+
+    The window's 2r+1 resized coordinates (reflected, so within r of y) read 2r+4 raw source
+    taps at most; for FeatUp's x2 stages they span 2r+1 = 7 source coordinates.
+    """
+    raw, weights = _cubic_taps(in_size, out_size, device)  # (out, 4)
+    window = _reflect(torch.arange(out_size, device=device)[:, None] + torch.arange(-radius, radius + 1, device=device),
+                      out_size)  # (out, 2r+1)
+    raw, weights = raw[window], weights[window]  # (out, 2r+1, 4)
+    first = raw.amin(dim=(1, 2))
+    span = int((raw.amax(dim=(1, 2)) - first).max()) + 1
+    composed = weights.new_zeros(out_size, 2 * radius + 1, span).scatter_add_(2, raw - first[:, None, None], weights)
+    index = (first[:, None] + torch.arange(span, device=device)).clamp(0, in_size - 1)
+    return index, composed
+
+
+@functools.lru_cache(maxsize=8)
+def _resized_window_matrix(in_size: tuple[int, int], out_size: tuple[int, int], radius: int,
+                           device: torch.device) -> tuple[_TapMatrix, torch.Tensor, torch.Tensor]:
+    """The bicubic resize + reflect padding + (2r+1)^2 window of FeatUp's stages folded into one
+    tap matrix from the source grid: (its matrix, row weights (H, 2r+1, span_y), column weights
+    (W, 2r+1, span_x)); a pixel's per-tap weights are its window kernel contracted with both.
+
+    Tap order is (column slot, row slot), matching `_fold_resize`.
+    """
+    rows, row_weights = _windowed_cubic(in_size[0], out_size[0], radius, device)
+    cols, col_weights = _windowed_cubic(in_size[1], out_size[1], radius, device)
+    index = rows[:, None, None, :] * in_size[1] + cols[None, :, :, None]  # (H, W, span_x, span_y)
+    matrix = _TapMatrix(index.reshape(out_size[0] * out_size[1], -1), in_size[0] * in_size[1])
+    return matrix, row_weights, col_weights
+
+
+def _fold_resize(kernel: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
+    """Window kernels (B, H, W, (2r+1)^2) -> kernels over the source taps of `_resized_window_matrix`,
+    (B, H, W, span_x * span_y): k'[b,y,x,c,a] = sum_{i,j} kernel[b,y,x,i,j] rows[y,i,a] cols[x,j,c]."""
+    batch, height, width, _ = kernel.shape
+    size = row_weights.shape[1]
+    kernel = kernel.view(batch, height, width, size, size)
+    by_rows = torch.einsum("bhwij,hia->bhwja", kernel, row_weights.to(kernel.dtype))
+    return torch.einsum("bhwja,wjc->bhwca", by_rows, col_weights.to(kernel.dtype)).reshape(batch, height, width, -1)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -247,9 +300,12 @@ class _AdaptiveConv(torch.autograd.Function):
     """out[b,y,x,:] = sum_p kernel[b,y,x,p] * source'[b, window_p(y, x), :], channels-last (B, H, W, C).
 
     With `resize`, source' is `source` (B, C, h, w) bicubically resized to the kernel's (H, W) and
-    reflect-padded by the radius (FeatUp's pre-upsampling and padding; one sparse matrix does both);
-    without, `source` is already padded. Either way the window matrix reads a padded grid, so its
-    taps never collide. source' is recomputed in backward, never stored.
+    reflect-padded by the radius (FeatUp's pre-upsampling and padding); without, `source` is already
+    padded. The forward with `resize` never builds source': resize, padding and window fold into one
+    tap matrix over the source grid (`_resized_window_matrix`), whose per-pixel weights are the
+    kernels contracted with the separable resize weights (`_fold_resize`), and the gather then reads
+    the small source map. The backward keeps the two factors (resize matrix, window matrix over the
+    padded grid, whose taps never collide) and recomputes source' rather than storing it.
     """
 
     @staticmethod
@@ -259,10 +315,15 @@ class _AdaptiveConv(torch.autograd.Function):
         source, kernel = source.to(dtype), kernel.to(dtype).contiguous()
         batch, height, width, _ = kernel.shape
         device = kernel.device
-        ctx.window = _window_matrix(height, width, radius, True, device)
-        ctx.resize = _bicubic_matrix(tuple(source.shape[-2:]), (height, width), radius, device) if resize else None
+        ctx.radius, ctx.resize = radius, resize
         ctx.save_for_backward(source, kernel)
-        out = ctx.window.gather(kernel, _AdaptiveConv._input_map(ctx.resize, source))
+        flat = _channels_last(source).reshape(batch, -1, source.shape[1])
+        if resize:
+            matrix, row_weights, col_weights = _resized_window_matrix(tuple(source.shape[-2:]), (height, width),
+                                                                      radius, device)
+            out = matrix.gather(_fold_resize(kernel, row_weights, col_weights), flat)
+        else:
+            out = _window_matrix(height, width, radius, True, device).gather(kernel, flat)
         return out.view(batch, height, width, -1).to(ctx.dtypes[0])
 
     @staticmethod
@@ -277,16 +338,19 @@ class _AdaptiveConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         source, kernel = ctx.saved_tensors
+        size, device = tuple(kernel.shape[1:3]), kernel.device
+        window = _window_matrix(*size, ctx.radius, True, device)
+        resize = _bicubic_matrix(tuple(source.shape[-2:]), size, ctx.radius, device) if ctx.resize else None
         grad = grad.to(kernel.dtype).reshape(grad.shape[0], -1, grad.shape[-1])
         grad_source = grad_kernel = None
         if ctx.needs_input_grad[1]:
-            input_map = _AdaptiveConv._input_map(ctx.resize, source)
-            grad_kernel = ctx.window.sampled_dot(grad, input_map).view(kernel.shape).to(ctx.dtypes[1])
+            input_map = _AdaptiveConv._input_map(resize, source)
+            grad_kernel = window.sampled_dot(grad, input_map).view(kernel.shape).to(ctx.dtypes[1])
             del input_map
         if ctx.needs_input_grad[0]:
-            grad_input = ctx.window.transpose_matmul(ctx.window.merge(kernel), grad)
-            if ctx.resize is not None:
-                matrix, weights = ctx.resize
+            grad_input = window.transpose_matmul(window.merge(kernel), grad)
+            if resize is not None:
+                matrix, weights = resize
                 values = matrix.merge(weights[None].to(grad.dtype))
                 grad_input = matrix.transpose_matmul(values.expand(grad.shape[0], -1), grad_input)
             batch, channels, height, width = source.shape
