@@ -405,6 +405,10 @@ def _resized_adaptive_conv(source: torch.Tensor, kernel: torch.Tensor, radius: i
     return _AdaptiveConv.apply(source, kernel, radius, True)
 
 
+# pixels per band of `JBUStage.kernel` in eval mode: each of its ~10 temporaries is then ~3 MB
+_KERNEL_BAND_PIXELS = 16384
+
+
 class JBUStage(nn.Module):
     """One x2 joint-bilateral upsampling stage with a learned range kernel (FeatUp's `JBULearnedRange`).
 
@@ -438,12 +442,24 @@ class JBUStage(nn.Module):
         """Per-pixel kernels (B, H, W, taps) from the guidance pooled to the output size (B, 3, H, W).
 
         The 1x1 convolutions run as matrix products over channels-last pixels (mkldnn is slow with
-        3 to 52 channels), and the fixup's first layer is split into its kernel and guidance
-        columns, so the concatenated (taps + 3)-channel map is never built.
+        3 to 52 channels). In eval mode the per-pixel part runs a band of rows at a time, so that its
+        temporaries stay in cache (training keeps one pass: Dropout2d draws one mask per map).
         """
         guidance = _channels_last(guidance).contiguous()  # strided operands make MKL's rounding vary
         keys = _pointwise_mlp(self.range_proj, guidance)  # (B, H, W, key_dim), contiguous
         logits = _window_logits(keys, self.radius)
+        if self.training or torch.compiler.is_compiling():
+            return self._kernel_from_logits(logits, guidance)
+        rows = max(1, _KERNEL_BAND_PIXELS // (guidance.shape[0] * guidance.shape[2]))
+        bands = zip(logits.split(rows, dim=1), guidance.split(rows, dim=1))
+        return torch.cat([self._kernel_from_logits(*band) for band in bands], dim=1)
+
+    def _kernel_from_logits(self, logits: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """Range softmax x spatial Gaussian, normalised, plus the learned fixup: (..., taps) per pixel.
+
+        The fixup's first layer is split into its kernel and guidance columns, so the concatenated
+        (taps + 3)-channel map is never built.
+        """
         temperature = self.range_temp.exp().clamp(1e-4, 1e4)
         kernel = torch.softmax(temperature * logits, dim=-1) * self.spatial_kernel()
         kernel = kernel / kernel.sum(-1, keepdim=True).clamp_min(1e-7)
