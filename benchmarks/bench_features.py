@@ -57,7 +57,7 @@ from met3r_diffusers.models import DinoFeatUp
 from met3r_diffusers.models.featup import IMAGENET_MEAN, IMAGENET_STD
 
 CASES = [("forward", 1), ("forward", 2), ("forward+backward", 1), ("forward+backward", 2)]
-KEY_DIM, TAPS, BICUBIC_TAPS, RADIUS = 32, 49, 16, 3
+KEY_DIM, TAPS, RADIUS = 32, 49, 3
 
 
 def rss_mb() -> float:
@@ -73,10 +73,12 @@ def peak_rss_mb() -> float:
 
 def jbu_gflop(height: int, width: int, channels: int) -> tuple[float, float]:
     """(kernel construction, adaptive convolution) GFLOP of one JBU stage with a (height, width) output."""
-    pixels = height * width
+    pixels, size = height * width, 2 * RADIUS + 1
     kernel = pixels * 2 * (3 * KEY_DIM + KEY_DIM * KEY_DIM + TAPS * KEY_DIM + (TAPS + 3) * TAPS + TAPS * TAPS)
-    padded = (height + 2 * RADIUS) * (width + 2 * RADIUS)
-    conv = 2 * channels * (padded * BICUBIC_TAPS + pixels * TAPS)
+    # the forward folds resize + padding + window into 49 taps over the source map: folding the kernels
+    # (two 7x7x7 contractions per pixel), then the gather (49 taps x channels per pixel)
+    fold = pixels * 2 * 2 * size**3
+    conv = fold + 2 * channels * pixels * TAPS
     return kernel / 1e9, conv / 1e9
 
 

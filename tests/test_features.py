@@ -240,6 +240,19 @@ def test_reduced_precision_runs_in_float32():
     assert max_abs(out.float(), expected) <= 0.02 * expected.abs().max().item()
 
 
+def test_adaptive_conv_under_bf16_autocast_computes_in_float32(model):
+    """Under CPU bf16 autocast (the CLI's --bf16) the fold's einsums are not cast: same result as without."""
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randn(2, 8, 5, 6, generator=generator)
+    kernel = torch.softmax(torch.randn(2, 10, 12, 49, generator=generator), -1)
+    expected = _AdaptiveConv.apply(source, kernel, 3, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _AdaptiveConv.apply(source, kernel, 3, True)
+        features = model(torch.randn(1, 3, 32, 48, generator=generator))
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert features.shape == (1, 384, 32, 48) and torch.isfinite(features).all()
+
+
 def test_train_mode_fixup_path_matches_eval(model):
     """Without dropout, the training-mode (unfused) final fixup equals the eval-mode fused one."""
     images = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))

@@ -318,12 +318,13 @@ class _AdaptiveConv(torch.autograd.Function):
         ctx.radius, ctx.resize = radius, resize
         ctx.save_for_backward(source, kernel)
         flat = _channels_last(source).reshape(batch, -1, source.shape[1])
-        if resize:
-            matrix, row_weights, col_weights = _resized_window_matrix(tuple(source.shape[-2:]), (height, width),
-                                                                      radius, device)
-            out = matrix.gather(_fold_resize(kernel, row_weights, col_weights), flat)
-        else:
-            out = _window_matrix(height, width, radius, True, device).gather(kernel, flat)
+        with torch.autocast(device.type, enabled=False):  # the fold's einsums stay in the compute dtype
+            if resize:
+                matrix, row_weights, col_weights = _resized_window_matrix(tuple(source.shape[-2:]), (height, width),
+                                                                          radius, device)
+                out = matrix.gather(_fold_resize(kernel, row_weights, col_weights), flat)
+            else:
+                out = _window_matrix(height, width, radius, True, device).gather(kernel, flat)
         return out.view(batch, height, width, -1).to(ctx.dtypes[0])
 
     @staticmethod
