@@ -4,7 +4,6 @@ Uses deterministic stand-in weights (no download), so it needs the parity fixtur
 (../shared/parity or MET3R_PARITY_DIR). Usage:
 
     python benchmarks/bench_dust3r.py [--threads 2] [--repeats 3] [--model mast3r|dust3r] [--full] [--no-compile]
-                                      [--tune-allocator]
 
 A pair runs as the metric runs it: `encode_views` on both images ("encoder"), then `decode_pair`
 ("decoder+heads"). Each setting prints, per stage and for the whole pair: the median time over
@@ -30,8 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     MANIFESTS,
-    add_allocator_option,
-    apply_allocator_option,
     compile_in_place,
     count_gflop,
     cpu_model,
@@ -117,17 +114,14 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MANIFESTS), default="mast3r")
     parser.add_argument("--full", action="store_true", help="also 384x512, descriptors=False and bf16 weights")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
-    add_allocator_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    allocator = apply_allocator_option(args)
 
     start = time.perf_counter()
     model = standin_model(args.model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} full size: {n_params / 1e6:.1f} M parameters ({n_params * 4 / 2**30:.2f} GiB float32), "
-          f"built in {time.perf_counter() - start:.1f} s; {cpu_model()}; {allocator}; "
-          f"RSS after loading {rss_gib('VmRSS'):.2f} GiB")
+          f"built in {time.perf_counter() - start:.1f} s; {cpu_model()}; RSS after loading {rss_gib('VmRSS'):.2f} GiB")
     settings = [Setting("forward 256x256"), Setting("forward 256x256 bf16 autocast", bf16=True),
                 Setting("forward+backward 256x256", backward=True)]
     if args.full:

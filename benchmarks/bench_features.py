@@ -22,7 +22,6 @@ forward (batch 1), 7.7 s forward (batch 2), 11.5 s forward+backward (batch 1); e
 1.7 GB (batch 2 forward) and 3.1 GB (batch 2 forward+backward).
 
     python benchmarks/bench_features.py [--repeats 3] [--threads 2] [--size 256] [--no-compile] [--no-memory]
-                                        [--tune-allocator]
 """
 
 from __future__ import annotations
@@ -42,16 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    add_allocator_option,
-    apply_allocator_option,
-    compile_in_place,
-    count_gflop,
-    cpu_model,
-    stage_line,
-    standin_featup,
-    timed,
-)
+from common import compile_in_place, count_gflop, cpu_model, stage_line, standin_featup, timed
 
 from met3r_diffusers.models import DinoFeatUp
 from met3r_diffusers.models.featup import IMAGENET_MEAN, IMAGENET_STD
@@ -153,16 +143,14 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory cases")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: "mode,batch" run in a subprocess
-    add_allocator_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    allocator = apply_allocator_option(args)
     if args.case:
         mode, batch = args.case.split(",")
         print(json.dumps(run_case(mode, int(batch), args.size, args.repeats, args.threads)))
         return
 
-    print(f"DinoFeatUp (dino16 + FeatUp JBU), {args.size}x{args.size}, float32; {cpu_model()}; {allocator}")
+    print(f"DinoFeatUp (dino16 + FeatUp JBU), {args.size}x{args.size}, float32; {cpu_model()}")
     model = standin_featup()
     stage_breakdown(model, args.size, args.repeats, "eager")
     if not args.no_compile:
@@ -180,7 +168,6 @@ def main() -> None:
     for mode, batch in CASES:
         command = [sys.executable, __file__, "--case", f"{mode},{batch}", "--size", str(args.size),
                    "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        command += ["--tune-allocator"] if args.tune_allocator else []
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         print(f"{mode:<18} {batch:>5} {result['seconds']:>9.2f} {result['min_seconds']:>8.2f} "
               f"{result['extra_peak_mb']:>16.0f}")

@@ -4,7 +4,7 @@ Full-size MASt3R + DINO/FeatUp with the deterministic stand-in weights of ../sha
 download; MET3R_PARITY_DIR overrides the location). Usage:
 
     python benchmarks/bench_metric.py [--threads 2] [--repeats 2] [--size 256] [--views 2 8] [--bf16]
-                                      [--backward] [--no-compile] [--tune-allocator]
+                                      [--backward] [--no-compile]
 
 For each V it scores one sample of V random views (pairs "adjacent": V - 1 pairs) under
 `torch.inference_mode` and prints, per stage and for the whole forward: the median time per
@@ -30,8 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_features import jbu_gflop
 from common import (
-    add_allocator_option,
-    apply_allocator_option,
     compile_in_place,
     count_gflop,
     cpu_model,
@@ -103,10 +101,8 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="also forward+backward w.r.t. the images at V=2")
     parser.add_argument("--chunk-size", type=int, default=2, help="MEt3R(chunk_size=...); 0 = everything at once")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
-    add_allocator_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    allocator = apply_allocator_option(args)
 
     start = time.perf_counter()
     metric = MEt3R(img_size=None, backbone=standin_model("mast3r"), feature_backbone=standin_featup(),
@@ -115,7 +111,7 @@ def main() -> None:
         metric.to(torch.bfloat16)
     reset_peak()
     print(f"MEt3R (full-size MASt3R + DINO/FeatUp stand-in weights) built in {time.perf_counter() - start:.1f} s; "
-          f"{cpu_model()}; {allocator}; {args.size}x{args.size}, chunk_size {args.chunk_size}; "
+          f"{cpu_model()}; {args.size}x{args.size}, chunk_size {args.chunk_size}; "
           f"RSS after loading {rss_gib('VmRSS'):.2f} GiB")
     passes = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
     for tag, compiled in passes:

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from met3r_diffusers.allocator import tune_cpu_allocator
 from met3r_diffusers.models import DinoFeatUp, DUSt3R, MASt3R
 from met3r_diffusers.models.compile import compile_units
 
@@ -81,20 +80,6 @@ def reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-def add_allocator_option(parser: argparse.ArgumentParser) -> None:
-    """`--tune-allocator`: run with `met3r_diffusers.tune_cpu_allocator()` (what `met3r-diffusers score` does on CPU)."""
-    parser.add_argument("--tune-allocator", action="store_true",
-                        help="keep freed memory for reuse (tune_cpu_allocator, as the CLI does on CPU); "
-                             "default: the process's allocator as it is, as in a library call")
-
-
-def apply_allocator_option(args: argparse.Namespace) -> str:
-    """Apply `--tune-allocator`; returns the words for the benchmark's header line."""
-    if args.tune_allocator and tune_cpu_allocator():
-        return "allocator tuned (tune_cpu_allocator)"
-    return "default allocator"
 
 
 def cpu_model() -> str:

@@ -21,14 +21,12 @@ _EXPORTS = {
     "ViewLayout": "diffusion",
     "MEt3RCallback": "callbacks",
     "render_points": "render",
-    "tune_cpu_allocator": "allocator",
     "RenderOutput": "render",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .allocator import tune_cpu_allocator
     from .callbacks import MEt3RCallback
     from .diffusion import ViewLayout, decode_views, predict_x0
     from .evaluation import MEt3REvalHook, MEt3REvaluator, MEt3RMetric

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .allocator import tune_cpu_allocator
 from .data import IMAGE_EXTENSIONS, load_image, natural_key, read_image_size
 from .distances import DISTANCES, dissimilarity
 from .functional import sample_scores
@@ -795,8 +794,6 @@ def score_command(args: argparse.Namespace) -> int:
     heatmaps = Path(args.heatmaps) if args.heatmaps else None
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
-    if device.type == "cpu" and not args.no_tune_allocator:
-        tune_cpu_allocator()  # this process is ours: keep freed memory warm (docs/metric.md)
     metric = build_metric(args)
     if isinstance(metric, torch.nn.Module):  # --bf16: weights stored in bfloat16 and run under autocast
         metric = metric.to(device, dtype=torch.bfloat16 if args.bf16 else None)
@@ -985,9 +982,6 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--compile", action="store_true",
                        help="torch.compile the network blocks (opt-in; minutes of compilation first, same scores "
                             "within float rounding; eager with a warning where inductor cannot run)")
-    score.add_argument("--no-tune-allocator", action="store_true",
-                       help="on CPU, keep glibc's malloc defaults instead of keeping freed memory for reuse "
-                            "(met3r_diffusers.allocator.tune_cpu_allocator; about 30%% faster features)")
     score.add_argument("--metric-factory", default=os.environ.get(FACTORY_ENV), metavar="MODULE:CALLABLE",
                        help=f"for tests and custom metrics: a zero-argument callable returning a metric with MEt3R's "
                             f"call signature, used instead of the weights' arguments (env {FACTORY_ENV})")

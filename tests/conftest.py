@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests (the training tests: test_training, test_train_reward, test_checkpointing)."""
+"""Fixtures shared by the training tests (test_training, test_train_reward, test_checkpointing)."""
 from __future__ import annotations
 
 import pytest
@@ -21,12 +21,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def allocator_calls(monkeypatch) -> list[bool]:
-    """In-process CLI runs record `tune_cpu_allocator` calls instead of retuning the test process's malloc
-    (tests/test_allocator.py checks the real effect in child processes)."""
-    calls: list[bool] = []
-    monkeypatch.setattr("met3r_diffusers.cli.tune_cpu_allocator", lambda enable=True: calls.append(enable) or True)
-    return calls

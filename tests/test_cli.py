@@ -212,13 +212,3 @@ def test_out_in_a_missing_folder_is_created_and_bad_resume_files_exit_2(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["score", str(tmp_path / "scenes"), "--out", str(tmp_path / "j.json"), "--resume", *factory])
     assert exit_info.value.code == 2 and "not a" in str(exit_info.value)
-
-
-def test_cpu_runs_tune_the_allocator_unless_told_not_to(tmp_path, allocator_calls):
-    _write_scene(tmp_path / "scenes" / "a", 2, size=(64, 64))
-    factory = ["--metric-factory", "met3r_diffusers.testing:FeatureConsistencyMetric", "--size", "64", "--quiet"]
-    assert cli.main(["score", str(tmp_path / "scenes"), "--out", str(tmp_path / "a.json"), *factory]) == 0
-    assert allocator_calls == [True]
-    assert cli.main(["score", str(tmp_path / "scenes"), "--out", str(tmp_path / "b.json"), "--no-tune-allocator",
-                     *factory]) == 0
-    assert allocator_calls == [True]

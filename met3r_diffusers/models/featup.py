@@ -6,12 +6,13 @@ code at run time).
 
 Each of the four JBU stages doubles the resolution of the features. For every output pixel it
 builds a 7x7 kernel from the guidance image (a learned range kernel times a spatial Gaussian,
-normalised, plus a learned fixup), and applies it to the bicubically pre-upsampled features
-(one kernel per pixel, shared by all channels). That adaptive convolution is a sparse matrix
-(one row per output pixel, 49 non-zeros) times the features, so it runs as a sparse-dense
-matrix product and never materialises the unfolded (C*49*H*W) tensor; its backward uses the
-transposed product and a sampled dense-dense product, and recomputes the pre-upsampled features
-instead of storing them.
+normalised, plus a learned fixup), and applies it to the bicubically pre-upsampled, reflect-padded
+features (one kernel per pixel, shared by all channels). That adaptive convolution is a sparse
+matrix (one row per output pixel, 49 taps) times the features. Resize, padding and window are all
+linear and fixed, so the forward folds them into one 49-tap matrix over the *source* map and runs
+it as a weighted gather (`embedding_bag`): neither the pre-upsampled map nor the unfolded
+(C*49*H*W) tensor is built. The backward keeps the factors as CSR matrices (transposed products
+and a sampled dense-dense product) and recomputes the pre-upsampled features instead of storing them.
 """
 from __future__ import annotations
 
@@ -78,8 +79,9 @@ class ChannelNorm(nn.Module):
 #   A @ x            out[r] = sum_p w[r, p] x[index[r, p]]
 #   A^T @ y          its adjoint (the gradient of the former w.r.t. x)
 #   sampled dot      d[r, p] = <y[r], x[index[r, p]]>   (the gradient w.r.t. w; also the range logits)
-# Two such matrices appear: the 7x7 window of every pixel (reflected at the borders, which is
-# what FeatUp's reflect padding does) and bicubic resizing (16 taps, clamped at the borders).
+# Three appear: the 7x7 window of every pixel (reflected at the borders, which is what FeatUp's
+# reflect padding does), bicubic resizing (16 taps, clamped at the borders), and the two folded
+# into one 49-tap matrix from the source map (`_resized_window_matrix`, forward only).
 # --------------------------------------------------------------------------------------------
 
 
@@ -96,7 +98,7 @@ class _TapMatrix:
         num_out, self.taps = index.shape
         self.index = index.contiguous()
         self.shape = (num_out, num_in)
-        self._batched_index: dict[int, torch.Tensor] = {}
+        self._batched_index: tuple[int, torch.Tensor] | None = None  # the last batch size > 1 and its index
 
     @functools.cached_property
     def _canonical(self) -> dict[str, torch.Tensor | None]:
@@ -140,11 +142,15 @@ class _TapMatrix:
         per-sample weights: its fused kernel outruns the sparse CSR product by 20-30 % here.
         """
         batch, _, channels = dense.shape
-        if batch not in self._batched_index:  # the taps of image b read rows b * num_in + index
-            shift = torch.arange(batch, device=self.index.device)[:, None, None] * self.shape[1]
-            self._batched_index[batch] = (self.index + shift).reshape(-1, self.taps)
+        index = self.index
+        if batch > 1:  # the taps of image b read rows b * num_in + index; one batch size is kept
+            if self._batched_index is None or self._batched_index[0] != batch:
+                dtype = torch.int32 if batch * self.shape[1] < 2**31 else torch.int64
+                shift = torch.arange(batch, device=index.device)[:, None, None] * self.shape[1]
+                self._batched_index = batch, (index + shift).reshape(-1, self.taps).to(dtype)
+            index = self._batched_index[1]
         # a strided table (a permuted NCHW map) would make every gathered row a strided read
-        out = F.embedding_bag(self._batched_index[batch], dense.reshape(-1, channels).contiguous(),
+        out = F.embedding_bag(index, dense.reshape(-1, channels).contiguous(),
                               per_sample_weights=weights.reshape(-1, self.taps), mode="sum")
         return out.view(batch, self.shape[0], channels)
 
@@ -223,8 +229,8 @@ def _windowed_cubic(in_size: int, out_size: int, radius: int, device: torch.devi
     as one map: (out_size, span) source indices (clamped) and (out_size, 2r+1, span) float64 weights,
     window tap i of output y being sum_a weights[y, i, a] * source[index[y, a]].
 
-    The window's 2r+1 resized coordinates (reflected, so within r of y) read 2r+4 raw source
-    taps at most; for FeatUp's x2 stages they span 2r+1 = 7 source coordinates.
+    For a x2 upsampling the window's 2r+1 resized coordinates (reflected, so within r of y) read
+    r + 4 source coordinates: 7 for FeatUp's r = 3, as many as the window has taps.
     """
     raw, weights = _cubic_taps(in_size, out_size, device)  # (out, 4)
     window = _reflect(torch.arange(out_size, device=device)[:, None] + torch.arange(-radius, radius + 1, device=device),
@@ -246,11 +252,12 @@ def _resized_window_matrix(in_size: tuple[int, int], out_size: tuple[int, int], 
 
     Tap order is (column slot, row slot), matching `_fold_resize`.
     """
-    rows, row_weights = _windowed_cubic(in_size[0], out_size[0], radius, device)
-    cols, col_weights = _windowed_cubic(in_size[1], out_size[1], radius, device)
+    cpu = torch.device("cpu")  # small tables: no device round trips while building them
+    rows, row_weights = _windowed_cubic(in_size[0], out_size[0], radius, cpu)
+    cols, col_weights = _windowed_cubic(in_size[1], out_size[1], radius, cpu)
     index = rows[:, None, None, :] * in_size[1] + cols[None, :, :, None]  # (H, W, span_x, span_y)
-    matrix = _TapMatrix(index.reshape(out_size[0] * out_size[1], -1), in_size[0] * in_size[1])
-    return matrix, row_weights, col_weights
+    matrix = _TapMatrix(index.reshape(out_size[0] * out_size[1], -1).to(device), in_size[0] * in_size[1])
+    return matrix, row_weights.to(device), col_weights.to(device)
 
 
 def _fold_resize(kernel: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
