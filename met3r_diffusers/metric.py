@@ -426,8 +426,11 @@ class MEt3R(nn.Module):
             if tuple(high_res.shape[-2:]) != (height, width):
                 high_res = F.interpolate(high_res, (height, width), mode="bilinear", align_corners=False)
             high_res = high_res.flatten(2).transpose(1, 2)  # (n, H*W, C)
+            dtype = torch.promote_types(high_res.dtype, torch.float32)  # bf16 / fp16 under autocast -> fp32
+            if part.stop - part.start == batch * num_views:  # a single chunk is the table itself: no copy
+                features = high_res.to(dtype).contiguous()
+                break
             if features is None:
-                dtype = torch.promote_types(high_res.dtype, torch.float32)  # bf16 / fp16 under autocast -> fp32
                 features = high_res.new_empty(batch * num_views, *high_res.shape[1:], dtype=dtype)
             features[part] = high_res
         return features.unflatten(0, (batch, num_views))
