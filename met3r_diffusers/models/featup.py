@@ -96,7 +96,7 @@ class _TapMatrix:
 
     def __init__(self, index: torch.Tensor, num_in: int):
         num_out, self.taps = index.shape
-        self.index = index.contiguous()
+        self.index = index.to(torch.int32 if num_in < 2**31 else torch.int64).contiguous()  # embedding_bag takes both
         self.shape = (num_out, num_in)
         self._batched_index: tuple[int, torch.Tensor] | None = None  # the last batch size > 1 and its index
 
@@ -104,7 +104,7 @@ class _TapMatrix:
     def _canonical(self) -> dict[str, torch.Tensor | None]:
         num_out, num_in = self.shape
         rows = torch.arange(num_out, device=self.index.device).repeat_interleave(self.taps)
-        entries, slot = torch.unique(rows * num_in + self.index.reshape(-1), return_inverse=True)  # sorted
+        entries, slot = torch.unique(rows * num_in + self.index.reshape(-1).long(), return_inverse=True)  # sorted
         row, col = entries // num_in, entries % num_in
         order = torch.argsort(col, stable=True)  # A^T: by input pixel, then output pixel
         dtype = torch.int32 if entries.numel() < 2**31 else torch.int64
