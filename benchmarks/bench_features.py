@@ -13,9 +13,9 @@ count the sparse products as dense ones); those stages are memory-bound, so thei
 is a loose bound.
 
 Part 2, memory (eager): forward (no autograd) and forward+backward (gradient of `sum(features * G)`
-w.r.t. the input image) for a batch of 1 and of 2, each in a fresh subprocess so that its peak
-resident set size (`ru_maxrss`) is its own; "extra" is that peak minus the resident size after the
-model and the inputs are built.
+w.r.t. the input image; G in channels-last memory, as the metric's gradient arrives) for a batch of 1
+and of 2, each in a fresh subprocess so that its peak resident set size (`ru_maxrss`) is its own;
+"extra" is that peak minus the resident size after the model and the inputs are built.
 
 Anchors (original FeatUp + MEt3R on this machine kind, with FeatUp's CPU op vectorised): 4.1 s
 forward (batch 1), 7.7 s forward (batch 2), 11.5 s forward+backward (batch 1); extra peak memory
@@ -75,7 +75,8 @@ def jbu_gflop(height: int, width: int, channels: int) -> tuple[float, float]:
 def _inputs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (torch.rand(batch, 3, size, size) - mean) / std, torch.randn(batch, 384, size, size)
+    # G in channels-last memory, as the metric's gradient arrives (it reads the features as (B, H*W, C))
+    return (torch.rand(batch, 3, size, size) - mean) / std, torch.randn(batch, size, size, 384).permute(0, 3, 1, 2)
 
 
 def stage_breakdown(model: DinoFeatUp, size: int, repeats: int, tag: str) -> None:
