@@ -177,7 +177,9 @@ def score_pairs(
     """The network-free half of MEt3R for n rows: render both clouds (`render_pair`), compare, reduce (`pair_scores`)."""
     projections, mask = render_pair(points, conf, features, feature_rows, image_size, radius, points_per_pixel)
     with torch.autocast(device_type=points.device.type, enabled=False):  # scored in float32, as the reference
-        score_map = distance(projections[0], projections[1])
+        # unbind, not two selects: the backward then stacks both gradients into one buffer instead of
+        # zero-filling a full-size gradient per select and adding them (0.5 s less at V=2, 256x256)
+        score_map = distance(*projections.unbind(0))
         score, valid = pair_scores(score_map, mask, distance, eps, empty)
     return PairScores(score, valid, mask.mean((-2, -1)), mask, score_map, projections.transpose(0, 1))
 
