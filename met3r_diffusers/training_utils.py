@@ -97,7 +97,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
         files = marker["files"]
         if not all((path / name).stat().st_size == size for name, size in files.items()):
             return None
-        return {"global_step": int(marker["global_step"]), "extra": marker.get("extra") or {}}
+        return {"global_step": int(marker["global_step"]), "extra": marker.get("extra") or {}, "kind": marker.get("kind")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -202,17 +202,22 @@ def save_checkpoint(
     global_step: int,
     total_limit: int | None = None,
     extra: dict[str, Any] | None = None,
+    kind: str | None = None,
 ) -> Path:
     """Kill-safe `accelerator.save_state` to `output_dir/checkpoint-<global_step>`; call it on every process.
 
-    The state is written to a hidden staging folder; once every process has written its part, the main process fsyncs
-    the files, writes the completion marker (`global_step`, `extra`, file sizes) last, renames the folder into place
+    `kind` names what wrote the state (the training scripts pass their own name), so that `load_checkpoint` can
+    refuse another script's checkpoint. The state is written to a hidden staging folder; once every process has
+    written its part, the main process fsyncs the files, writes the completion marker (`global_step`, `extra`,
+    `kind`, file sizes) last, renames the folder into place
     (replacing an older checkpoint of the same step), and only then removes the oldest complete checkpoints beyond
     `total_limit` and the leftovers of interrupted saves. Every process returns after the rename.
     """
     if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
         raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
     check_positive_int("total_limit", total_limit, optional=True)
+    if kind is not None and (not isinstance(kind, str) or not kind):
+        raise ValueError(f"kind must be a non-empty str or None, got {kind!r}")
     extra = dict(extra or {})
     try:
         json.dumps(extra)
@@ -231,7 +236,7 @@ def save_checkpoint(
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         for path in files:
             _fsync(path)
-        marker = {"global_step": global_step, "extra": extra,
+        marker = {"global_step": global_step, "extra": extra, "kind": kind,
                   "files": {str(p.relative_to(staging)): p.stat().st_size for p in files}}
         with open(staging / CHECKPOINT_MARKER, "w") as f:
             json.dump(marker, f, indent=1)
@@ -250,16 +255,24 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(accelerator: Any, path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """`accelerator.load_state(path)` of a complete checkpoint; returns its marker's `global_step` and `extra`.
 
     Unlike Accelerate, which only logs it, a random-state file of this process that is missing or does not load is
-    a ValueError (resuming with other RNG states would silently not be exact).
+    a ValueError (resuming with other RNG states would silently not be exact). With `kind`, a checkpoint saved
+    with another kind is a ValueError before anything loads (one script's LoRA state can have the same names as
+    another's and would load silently); one saved without a kind (older versions) loads with a warning.
     """
     path = Path(path)
     marker = _read_marker(path)
     if marker is None:
         raise ValueError(f"path {str(path)!r} is not a complete checkpoint (no valid {CHECKPOINT_MARKER})")
+    saved_kind = marker.pop("kind")
+    if kind is not None and saved_kind is not None and saved_kind != kind:
+        raise ValueError(f"checkpoint {str(path)!r} was written by {saved_kind!r}, not by {kind!r}: resuming it "
+                         "would mix two trainings; pass another --output_dir or --resume_from_checkpoint")
+    if kind is not None and saved_kind is None:
+        logger.warning(f"checkpoint {path} does not record what wrote it (an older version); loading it as {kind!r}")
     rng_file = path / _RNG_STATE_FILE.format(accelerator.process_index)
     try:
         states = torch.load(rng_file, weights_only=False)  # our own file, written by accelerator.save_state

@@ -134,6 +134,29 @@ def test_find_checkpoint(tmp_path, caplog):
     assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-2"
 
 
+def test_a_checkpoint_of_another_kind_is_refused_and_an_unmarked_one_warns(tmp_path, caplog):
+    accelerator, model, optimizer = _accelerator()
+    path = save_checkpoint(accelerator, tmp_path, 2, kind="train_met3r_reward")
+    assert json.loads((path / CHECKPOINT_MARKER).read_text())["kind"] == "train_met3r_reward"
+    weights = [p.detach().clone() for p in model.parameters()]
+    _train_step(model, optimizer)
+    with pytest.raises(ValueError, match="written by 'train_met3r_reward', not by 'train_met3r_finetune'"):
+        load_checkpoint(accelerator, path, kind="train_met3r_finetune")
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # refused before loading
+    assert load_checkpoint(accelerator, path, kind="train_met3r_reward") == {"global_step": 2, "extra": {}}
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert load_checkpoint(accelerator, path)["global_step"] == 2  # no kind asked: no check
+    older = save_checkpoint(accelerator, tmp_path, 3)  # as versions before the kind was recorded
+    marker = json.loads((older / CHECKPOINT_MARKER).read_text())
+    del marker["kind"]
+    (older / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(accelerator, older, kind="train_met3r_finetune")["global_step"] == 3
+    assert "does not record what wrote it" in caplog.text
+    with pytest.raises(ValueError, match="kind"):
+        save_checkpoint(accelerator, tmp_path, 4, kind="")
+
+
 def test_load_checkpoint_restores_rng_and_refuses_a_bad_random_state_file(tmp_path):
     accelerator, model, optimizer = _accelerator()
     _seed_everything(1)

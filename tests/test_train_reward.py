@@ -171,3 +171,17 @@ def test_diffusion_loss_needs_data_and_prompts_need_a_source(tmp_path):
                                  "--diffusion_loss_weight", "1"])
     with pytest.raises(ValueError, match="--prompts_file or --train_data_dir"):
         train_script.parse_args(["--tiny_test_model", "--num_views", "2"])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_other_script_is_refused(toy_data, tmp_path):
+    """The fine-tuning script's checkpoint (same LoRA names) is not resumed by the reward script."""
+    _run(*_args(toy_data, tmp_path, "--use_lora", "--checkpointing_steps", "1", "--max_train_steps", "1"))
+    marker_path = tmp_path / "checkpoint-1" / "checkpoint_complete.json"
+    marker = json.loads(marker_path.read_text())
+    assert marker["kind"] == "train_met3r_reward"
+    marker["kind"] = "train_met3r_finetune"
+    marker_path.write_text(json.dumps(marker))
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="written by 'train_met3r_finetune', not by 'train_met3r_reward'"):
+        _run(*_args(toy_data, tmp_path, "--use_lora", "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))

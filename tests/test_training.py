@@ -68,6 +68,8 @@ def test_lora_run_checkpoint_resume_identical(toy_data, tmp_path, one_thread):
     assert [line["num_samples"] for line in lines] == [3, 3] and all(0 < line["score"] < 2 for line in lines)
     lora = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
     assert lora and all("lora" in key for key in lora)
+    marker = json.loads((tmp_path / "a" / "checkpoint-4" / "checkpoint_complete.json").read_text())
+    assert marker["kind"] == "train_met3r_finetune"  # the reward script refuses to resume it
 
     AcceleratorState._reset_state(True)
     _run(*_args(toy_data, tmp_path / "b", "--max_train_steps", "2", *common))

@@ -62,6 +62,8 @@ from met3r_diffusers.training_utils import (
 from met3r_diffusers.validation import check_finite
 
 logger = get_logger(__name__)
+# what this script writes into its checkpoints, so that the other training script refuses to resume them
+CHECKPOINT_KIND = "train_met3r_finetune"
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -196,7 +198,7 @@ def main(args: argparse.Namespace) -> dict:
     recent_losses = collections.deque(maxlen=50)
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
-        state = load_checkpoint(accelerator, resume_path)
+        state = load_checkpoint(accelerator, resume_path, kind=CHECKPOINT_KIND)
         global_step = state["global_step"]
         recent_losses.extend(state["extra"].get("recent_losses", []))
         first_epoch, resume_batches = resume_position(global_step, num_update_steps_per_epoch,
@@ -266,7 +268,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                                    extra={"recent_losses": list(recent_losses)})
+                                    extra={"recent_losses": list(recent_losses)}, kind=CHECKPOINT_KIND)
                 if hook is not None:
                     run_validation(accelerator, hook, global_step, args.output_dir)
                 if global_step >= args.max_train_steps:

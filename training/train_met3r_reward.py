@@ -70,6 +70,8 @@ from met3r_diffusers.training_utils import (
 )
 
 logger = get_logger(__name__)
+# what this script writes into its checkpoints, so that the other training script refuses to resume them
+CHECKPOINT_KIND = "train_met3r_reward"
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -384,7 +386,7 @@ def main(args: argparse.Namespace) -> dict:
                              batch_size=args.validation_batch_size, seed=args.validation_seed)
     global_step = 0
     if resume_path is not None:  # "latest" without a complete checkpoint starts from scratch
-        global_step = load_checkpoint(accelerator, resume_path)["global_step"]
+        global_step = load_checkpoint(accelerator, resume_path, kind=CHECKPOINT_KIND)["global_step"]
         accelerator.print(f"Resuming from {resume_path} (step {global_step})")
 
     logger.info(f"{len(prompts)} prompts x {num_views} views, latents {latent_shape}; {args.max_train_steps} steps of "
@@ -421,7 +423,8 @@ def main(args: argparse.Namespace) -> dict:
                              contrast=f"{logs['stats/contrast']:.3g}")
         accelerator.log(logs, step=global_step)
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step, total_limit=args.checkpoints_total_limit)
+            save_checkpoint(accelerator, args.output_dir, global_step, total_limit=args.checkpoints_total_limit,
+                            kind=CHECKPOINT_KIND)
         if hook is not None:
             run_validation(accelerator, hook, global_step, args.output_dir)
 
