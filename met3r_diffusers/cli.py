@@ -838,10 +838,10 @@ def score_command(args: argparse.Namespace) -> int:
         if processes.is_main:
             final = _merge(out, settings, scenes, fingerprints, kept, records)
             final.provenance = _provenance(args, device, processes, started, timings)
-            _finish(final, out, complete)
+            written = _finish(final, out, complete)
     if not processes.is_main:
         return EXIT_OK if complete else EXIT_INTERRUPTED
-    return _summarise(final, args, complete)
+    return _summarise(final, args, complete, written)
 
 
 def _merge(out, settings, scenes, fingerprints, kept, records) -> Report:
@@ -873,27 +873,32 @@ def _provenance(args, device, processes, started, timings) -> dict[str, Any]:
     }
 
 
-def _finish(final: Report, out: Path | None, complete: bool) -> None:
-    """Write the merged report, unless that would replace a complete report by a partial one."""
+def _finish(final: Report, out: Path | None, complete: bool) -> bool:
+    """Write the merged report, unless that would replace a complete report by a partial one; whether it was written."""
     if out is None:
-        return
+        return False
     if not complete and read_complete_flag(out):
         print(f"met3r-diffusers: kept the complete report {out}; this run's scenes are in its journal "
               "(--resume continues from them)", file=sys.stderr)
-        return
+        return False
     final.write(complete=complete)
     if complete and out.suffix.lower() == ".json":  # the report holds everything: the journals are redundant
         for journal in Journal.paths(out):
             journal.unlink()
+    return True
 
 
-def _summarise(report: Report, args: argparse.Namespace, complete: bool) -> int:
+def _summarise(report: Report, args: argparse.Namespace, complete: bool, written: bool) -> int:
     summary = report.summary()
     mean = summary["mean_score"]
+    if args.out and not written:  # interrupted over a complete report, which was kept as it was
+        where = f", this interrupted run only (not written; {args.out} keeps the earlier complete report)"
+    else:
+        where = f", report: {args.out}" if args.out else ""
     print(f"{summary['num_scenes']} scenes, mean MEt3R {'n/a' if mean is None else f'{mean:.4f}'}"
           + (f" ({summary['num_empty']} without overlap)" if summary["num_empty"] else "")
           + (f", {summary['num_errors']} failed" if summary["num_errors"] else "")
-          + (f", report: {args.out}" if args.out else ""))
+          + where)
     for warning in report.warnings():
         print(f"met3r-diffusers: warning: {warning}", file=sys.stderr)
     if not args.out:

@@ -197,11 +197,12 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
         _score(str(root), "--resume")
 
 
-def test_an_interrupted_rerun_keeps_the_complete_report(tmp_path, monkeypatch):
+def test_an_interrupted_rerun_keeps_the_complete_report(tmp_path, monkeypatch, capsys):
     root = _scenes(tmp_path / "scenes", views=(2, 2, 2))
     out = tmp_path / "report.json"
     assert _score(str(root), "--out", str(out)) == 0
     before = out.read_text()
+    capsys.readouterr()
 
     def interrupt(self, *args, **kwargs):
         raise KeyboardInterrupt
@@ -209,6 +210,9 @@ def test_an_interrupted_rerun_keeps_the_complete_report(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.Report, "add", interrupt)
     assert _score(str(root), "--out", str(out), "--pairs", "all") == cli.EXIT_INTERRUPTED
     assert out.read_text() == before and not list(tmp_path.glob("*.partial"))
+    # the summary line describes this run and says that the report on disk is the earlier one
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("0 scenes") and f"not written; {out} keeps the earlier complete report" in summary
 
 
 def _recorded(out: Path) -> set[str]:
