@@ -11,8 +11,9 @@ features (one kernel per pixel, shared by all channels). That adaptive convoluti
 matrix (one row per output pixel, 49 taps) times the features. Resize, padding and window are all
 linear and fixed, so the forward folds them into one 49-tap matrix over the *source* map and runs
 it as a weighted gather (`embedding_bag`): neither the pre-upsampled map nor the unfolded
-(C*49*H*W) tensor is built. The backward keeps the factors as CSR matrices (transposed products
-and a sampled dense-dense product) and recomputes the pre-upsampled features instead of storing them.
+(C*49*H*W) tensor is built. The backward runs the same matrix: its transpose (again a weighted
+gather) for the features' gradient, and a sampled dense-dense product, taken back through the
+fold, for the kernels' gradient.
 """
 from __future__ import annotations
 
@@ -79,9 +80,10 @@ class ChannelNorm(nn.Module):
 #   A @ x            out[r] = sum_p w[r, p] x[index[r, p]]
 #   A^T @ y          its adjoint (the gradient of the former w.r.t. x)
 #   sampled dot      d[r, p] = <y[r], x[index[r, p]]>   (the gradient w.r.t. w; also the range logits)
-# Three appear: the 7x7 window of every pixel (reflected at the borders, which is what FeatUp's
-# reflect padding does), bicubic resizing (16 taps, clamped at the borders), and the two folded
-# into one 49-tap matrix from the source map (`_resized_window_matrix`, forward only).
+# Three appear: the 7x7 window of every pixel, reflected at the borders as FeatUp's reflect padding
+# does (the range logits); the same window over an already padded grid (FeatUp's AdaptiveConv op);
+# and bicubic resizing + padding + window folded into one 49-tap matrix from the source map
+# (`_resized_window_matrix`, the JBU stages).
 # --------------------------------------------------------------------------------------------
 
 
